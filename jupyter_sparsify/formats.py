@@ -75,12 +75,10 @@ class CSRLinear(nn.Module):
         """Compress an ``nn.Linear`` / ``Conv1D``; only nonzero weights are kept."""
         weight = weight_matrix(module).detach()
         backend = validate_backend(backend, weight.device)
-        if backend == "fast":
-            from . import kernels
+        from . import kernels
 
-            values, col_indices, crow_indices = kernels.compress(weight)
-        else:
-            values, col_indices, crow_indices = _torch_csr_parts(weight)
+        index_dtype = None if backend == "fast" else torch.int32  # torch's CSR needs int32/int64 indices
+        values, col_indices, crow_indices = kernels.compress(weight, index_dtype)
         kind = "conv1d" if bool(Conv1D) and isinstance(module, Conv1D) else "linear"
         out_features, in_features = weight.shape
         return cls(values, col_indices, crow_indices, module.bias, in_features, out_features,
@@ -152,19 +150,6 @@ class CSRLinear(nn.Module):
             f"({density:.1%} dense), values={str(self.values.dtype).replace('torch.', '')}, "
             f"indices={str(self.col_indices.dtype).replace('torch.', '')}, backend={self.backend!r}"
         )
-
-
-def _torch_csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """values, int32 column indices and int32 row pointers (int64 when nnz does not fit)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        csr = weight.to_sparse_csr()
-    index_dtype = torch.int32 if csr.values().numel() < 2**31 else torch.int64
-    return (
-        csr.values().clone(),
-        csr.col_indices().to(index_dtype),
-        csr.crow_indices().to(index_dtype),
-    )
 
 
 def _columns(col_indices: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""Small random OPT, GPT-NeoX, GPT-2 (Conv1D, tied head) and Llama models: every scope, both modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jupyter_sparsify.formats import CSRLinear
+from jupyter_sparsify.layers import find_prunable_layers, weight_matrix
+from jupyter_sparsify.pruning import prune_count
+from jupyter_sparsify.session import Session
+
+from conftest import ARCHITECTURES, state_checksum, tiny_model
+
+HEADS = {"opt": "lm_head", "gpt_neox": "embed_out", "gpt2": "lm_head", "llama": "lm_head"}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_head_is_never_a_prunable_layer(architecture):
+    model = tiny_model(architecture)
+    names = {layer.name for layer in find_prunable_layers(model)}
+    assert HEADS[architecture] not in names and names
+
+
+def test_gpt2_uses_conv1d_and_a_tied_head():
+    model = tiny_model("gpt2")
+    layers = find_prunable_layers(model)
+    assert all(layer.transposed for layer in layers)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("scope", ["global", "layer", "row"])
+@pytest.mark.parametrize("mode", ["masked", "csr"])
+def test_half_pruned_counts_are_exact(architecture, scope, mode, tokenizer):
+    model = tiny_model(architecture)
+    head = model.get_output_embeddings().weight.detach().clone()
+    before = state_checksum(model)
+    session = Session(model, tokenizer)
+    session.apply(0.5, mode=mode, scope=scope, progress=lambda *a: None)
+    table = session.layer_table()
+    shapes = [tuple(int(d) for d in shape.split("x")) for shape in table["shape"]]
+    if scope == "global":
+        total = sum(o * i for o, i in shapes)
+        assert table["nnz"].sum() == total - prune_count(total, 0.5)
+    elif scope == "layer":
+        assert list(table["nnz"]) == [o * i - prune_count(o * i, 0.5) for o, i in shapes]
+    else:
+        for layer in session.default_layers:
+            module = getattr(layer.parent, layer.attr)
+            weight = module.dense_weight() if isinstance(module, CSRLinear) else weight_matrix(module)
+            zeros_per_row = (weight == 0).sum(dim=1)
+            assert torch.all(zeros_per_row == prune_count(weight.shape[1], 0.5))
+    assert set(table["format"]) == {"csr" if mode == "csr" else "dense"}
+    assert torch.equal(model.get_output_embeddings().weight, head)
+    row = session.measure()
+    assert abs(row["sparsity_prunable"] - 0.5) < 0.01
+    session.reset()
+    assert state_checksum(model) == before
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_masked_and_csr_agree(architecture, tokenizer):
+    session = Session(tiny_model(architecture), tokenizer)
+    session.apply(0.5, mode="masked")
+    masked = session.measure()
+    session.apply(0.5, mode="csr")
+    csr = session.measure()
+    assert masked["top1_match"] == csr["top1_match"]
+    assert abs(masked["perplexity"] - csr["perplexity"]) / masked["perplexity"] < 1e-4
+
+
+def test_a_tied_head_is_pruned_once_when_named(tokenizer):
+    model = tiny_model("gpt2")
+    session = Session(model, tokenizer)
+    session.apply(0.5, mode="masked", scope="layer", include=["lm_head"])
+    # the head and the input embeddings are one tensor: pruned once, zeros visible in both
+    assert list(session.layer_table()["name"]) == ["lm_head"]
+    assert abs(float((model.transformer.wte.weight == 0).float().mean()) - 0.5) < 1e-3
+    with pytest.raises(ValueError, match="tied"):
+        session.apply(0.5, mode="csr", include=["lm_head"])
