@@ -184,8 +184,8 @@ class Session:
             criterion=validate_criterion(criterion, validate_scope(scope), parsed),
             scope=scope,
             pattern=parsed,
-            include=tuple(include) if include is not None else None,
-            exclude=tuple(exclude) if exclude is not None else None,
+            include=_patterns(include, "include"),
+            exclude=_patterns(exclude, "exclude"),
             backend=validate_backend(backend, _device_of(self.model)) if mode == "csr" else None,
         )
         if mode == "dense":
@@ -385,6 +385,12 @@ def forget_session(model: nn.Module) -> None:
 
 def _is_first_owner(layer: PrunableLayer, candidates: list[PrunableLayer]) -> bool:
     return next(c for c in candidates if c.module.weight is layer.module.weight) is layer
+
+
+def _patterns(patterns: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+    if isinstance(patterns, str):
+        raise TypeError(f"{what} must be a list of glob patterns; got the string {patterns!r} (wrap it in a list)")
+    return tuple(patterns) if patterns is not None else None
 
 
 def _device_of(model: nn.Module) -> torch.device:

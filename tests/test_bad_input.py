@@ -1,0 +1,106 @@
+"""Bad input gets a clear error naming the value and the fix, and leaves the model exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jupyter_sparsify.layers import find_prunable_layers
+from jupyter_sparsify.session import Session
+
+from conftest import state_checksum, tiny_model, word_tokenizer
+
+
+@pytest.fixture
+def pruned_session(tokenizer):
+    session = Session(tiny_model("llama"), tokenizer)
+    session.apply(0.3, mode="csr", progress=lambda *a: None)
+    return session
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"amount": 1.5}, ValueError, "amount must be in [0, 1)"),
+        ({"amount": -0.1}, ValueError, "amount must be in [0, 1)"),
+        ({"amount": float("nan")}, ValueError, "amount must be in [0, 1)"),
+        ({"amount": "0.3"}, TypeError, "amount must be a number"),
+        ({"amount": None}, ValueError, "amount is required"),
+        ({"amount": 0.3, "mode": "sparse"}, ValueError, "mode must be one of"),
+        ({"amount": 0.3, "criterion": "random"}, ValueError, "criterion must be one of"),
+        ({"amount": 0.3, "scope": "block"}, ValueError, "scope must be one of"),
+        ({"amount": 0.3, "pattern": "2-4"}, ValueError, "pattern must look like N:M"),
+        ({"amount": 0.3, "pattern": "4:2"}, ValueError, "0 < N < M"),
+        ({"amount": 0.3, "pattern": "2:4"}, ValueError, "prunes exactly 50%"),
+        ({"amount": 0.3, "include": ["*.nothing.*"]}, ValueError, "matches no linear layer"),
+        ({"amount": 0.3, "exclude": ["*"]}, ValueError, "no prunable layer left"),
+        ({"amount": 0.3, "include": "*.mlp.*"}, TypeError, "list of glob patterns"),
+        ({"amount": 0.3, "mode": "csr", "backend": "cusparse"}, ValueError, "backend must be one of"),
+        ({"amount": 0.3, "criterion": "sparsegpt", "scope": "global"}, ValueError, "scope='row'"),
+    ],
+)
+def test_bad_apply_arguments_change_nothing(pruned_session, kwargs, error, words):
+    before = state_checksum(pruned_session.model)
+    settings = pruned_session.settings
+    with pytest.raises(error) as caught:
+        pruned_session.apply(**kwargs)
+    assert words in str(caught.value)
+    assert state_checksum(pruned_session.model) == before
+    assert pruned_session.settings == settings
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        Session("model", word_tokenizer())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        find_prunable_layers(object())
+
+
+def test_model_without_prunable_layers(tokenizer):
+    class OnlyEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+    with pytest.raises(ValueError, match="no prunable layer"):
+        find_prunable_layers(OnlyEmbeddings())
+
+
+def test_tokenizer_that_does_not_fit_the_model():
+    model = tiny_model("llama", vocab_size=64)
+    before = state_checksum(model)
+    with pytest.raises(ValueError, match="pass the tokenizer that belongs to this model"):
+        Session(model, word_tokenizer(vocab_size=256))
+    assert state_checksum(model) == before
+
+
+def test_bad_texts(tokenizer):
+    session = Session(tiny_model("opt"), tokenizer)
+    with pytest.raises(TypeError, match="list of strings"):
+        session.set_texts("one string")
+    with pytest.raises(ValueError, match="empty"):
+        session.set_texts(["", "  "])
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_apply_leaves_the_model_as_it_was(pruned_session, monkeypatch, fault):
+    """A fault after some layers were already pruned and converted puts back the previous state."""
+    import jupyter_sparsify.formats as formats
+
+    before = state_checksum(pruned_session.model)
+    calls = {"n": 0}
+    real = formats.CSRLinear.from_dense.__func__
+
+    def failing_from_dense(cls, module, backend=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise fault("interrupted")
+        return real(cls, module, backend)
+
+    monkeypatch.setattr(formats.CSRLinear, "from_dense", classmethod(failing_from_dense))
+    with pytest.raises(fault):
+        pruned_session.apply(0.6, mode="csr", progress=lambda *a: None)
+    monkeypatch.undo()
+    assert calls["n"] > 3  # failed at the third layer, then the previous CSR 30 % was rebuilt
+    assert state_checksum(pruned_session.model) == before
+    assert pruned_session.settings.label == "CSR 30%"
