@@ -79,3 +79,16 @@ def test_a_tied_head_is_pruned_once_when_named(tokenizer):
     assert abs(float((model.transformer.wte.weight == 0).float().mean()) - 0.5) < 1e-3
     with pytest.raises(ValueError, match="tied"):
         session.apply(0.5, mode="csr", include=["lm_head"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "fast"])
+def test_half_precision_csr_runs_on_cpu(dtype, backend, tokenizer):
+    """The seed crashed here: "addmm_out_sparse_csr_impl_mkl not implemented for 'Half'"."""
+    session = Session(tiny_model("opt").to(dtype), tokenizer)
+    session.apply(0.3, mode="masked")
+    masked = session.measure()
+    session.apply(0.3, mode="csr", backend=backend)
+    csr = session.measure()
+    assert csr["top1_match"] > 0.9 * masked["top1_match"]
+    assert isinstance(session.model.model.decoder.layers[0].fc1, CSRLinear)
