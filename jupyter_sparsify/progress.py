@@ -29,3 +29,7 @@ def tqdm_progress(progress: Progress | None, description: str) -> Iterator[Progr
         yield report
     finally:
         bar.close()
+
+
+def silent(done: int, total: int, message: str) -> None:
+    """A progress callback that shows nothing (e.g. when an outer bar already does)."""

@@ -17,7 +17,7 @@ from .evaluation import check_vocabulary, encode_corpus, flat_predictions, run_c
 from .formats import CSRLinear, validate_backend
 from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
-from .progress import Progress, tqdm_progress
+from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
 from .strategies import prune_with_criterion, validate_criterion
 
@@ -262,8 +262,7 @@ class Session:
             latency: also time prefill and decode, against dense in the same run.
             repeats: timed repetitions (median reported) after one warm-up.
         """
-        result = run_corpus(self.model, self._corpus)
-        predictions, _ = flat_predictions(result)
+        top1, ppl = self._agreement()
         weights = metrics.count_weights(getattr(layer.parent, layer.attr) for layer in (self._pruned or self.default_layers))
         compute = metrics.linear_compute(self.model)
         settings = self.settings
@@ -279,8 +278,8 @@ class Session:
             "sparsity_model": metrics.model_weight_count(self.model).sparsity,
             "compute_ratio": compute.nonzero / self._dense_compute.nonzero,
             "executed_ratio": compute.executed / self._dense_compute.dense,
-            "top1_match": metrics.top1_match(self._reference_predictions, predictions, self._reference_mask),
-            "perplexity": metrics.perplexity(result.nll_sum, result.target_count),
+            "top1_match": top1,
+            "perplexity": ppl,
             "eval_tokens": self._corpus.token_count,
         }
         if latency:
@@ -293,6 +292,39 @@ class Session:
             )
         self._rows.append(row)
         return row
+
+    def _agreement(self) -> tuple[float, float]:
+        """(top1_match, perplexity) of the model as it is now, on the evaluation corpus."""
+        result = run_corpus(self.model, self._corpus)
+        predictions, _ = flat_predictions(result)
+        return (
+            metrics.top1_match(self._reference_predictions, predictions, self._reference_mask),
+            metrics.perplexity(result.nll_sum, result.target_count),
+        )
+
+    def sensitivity(self, amount: float = 0.5, criterion: str = "magnitude", progress: Progress | None = None) -> pd.DataFrame:
+        """Top-1 drop when each prunable layer alone is pruned by ``amount`` (the model is left as it was).
+
+        Returns one row per layer: name, block, role, top1_match, top1_drop, perplexity,
+        sorted from the most to the least sensitive layer.
+        """
+        self._validate(amount, "masked", criterion, "layer", None, None, None, None)
+        previous = self.settings
+        rows = []
+        try:
+            with tqdm_progress(progress, "sensitivity") as report:
+                for index, layer in enumerate(self.default_layers):
+                    self.apply(amount, mode="masked", criterion=criterion, scope="layer", include=[layer.name],
+                               progress=silent)
+                    top1, ppl = self._agreement()
+                    rows.append({"name": layer.name, "block": layer.block, "role": layer.role,
+                                 "top1_match": top1, "top1_drop": 1.0 - top1, "perplexity": ppl})
+                    report(index + 1, len(self.default_layers), layer.name)
+        finally:
+            self._restore_dense()
+            if previous.mode != "dense":
+                self._prune(previous, self._layers_for(previous), silent)
+        return pd.DataFrame(rows).sort_values("top1_drop", ascending=False, kind="stable").reset_index(drop=True)
 
     @property
     def history(self) -> pd.DataFrame:
@@ -373,6 +405,17 @@ def session_for(model: nn.Module, tokenizer=None, texts: Sequence[str] | None = 
     elif texts is not None:
         session.set_texts(texts)
     return session
+
+
+def existing_session(model: nn.Module) -> Session | None:
+    """The model's session if it has one."""
+    session = _SESSIONS.get(id(model))
+    return session if session is not None and session.model is model else None
+
+
+def all_sessions() -> list[Session]:
+    """Every live session (one per wrapped model)."""
+    return list(_SESSIONS.values())
 
 
 def forget_session(model: nn.Module) -> None:

@@ -1,0 +1,294 @@
+"""The ``%sparsify`` line magic and ``%%sparsify corpus`` cell magic.
+
+Each subcommand has its own small parser; a bad command raises ``UsageError`` with one clear
+line. The work itself is done by :class:`~jupyter_sparsify.session.Session`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pandas as pd
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
+from torch import nn
+
+from .corpus import SEED_TEXTS
+from .models import ModelLoadError, load_model
+from .progress import silent
+from .session import all_sessions, existing_session, forget_session, session_for
+
+SUBCOMMANDS = ("load", "prune", "stats", "layers", "compare", "reset", "history", "panel", "sensitivity", "corpus")
+
+
+class _HelpShown(Exception):
+    """argparse printed --help; nothing else to do."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            raise UsageError(message.strip())
+        raise _HelpShown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line of ``%sparsify``; ``%sparsify --help`` prints it."""
+    parser = _Parser(prog="%sparsify", description="Prune a causal LM in place and measure what it does.")
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+
+    load = commands.add_parser("load", help="load a model (default: the embedded SmolLM2-135M-Instruct)")
+    load.add_argument("source", nargs="?", help="hub name, local directory or .gguf file (default: embedded model)")
+    load.add_argument("--as", dest="names", default="model,tokenizer", help="variable names MODEL,TOKENIZER")
+    load.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+
+    prune = commands.add_parser("prune", help="prune MODEL in place (always from the dense original)")
+    _model_arguments(prune)
+    prune.add_argument("--amount", type=float, default=None, help="fraction to prune, in [0, 1), e.g. 0.3")
+    _method_arguments(prune)
+    prune.add_argument("--mode", choices=["masked", "csr"], default="masked")
+    prune.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only these layers (names, globs)")
+    prune.add_argument("--exclude", nargs="+", default=None, metavar="GLOB", help="leave these layers dense")
+    prune.add_argument("--backend", choices=["fast", "torch"], default=None, help="CSR kernels (default: fastest)")
+    prune.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+
+    stats = commands.add_parser("stats", help="measure MODEL as it is now: one row")
+    _model_arguments(stats)
+    stats.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+
+    layers = commands.add_parser("layers", help="per-layer table and sparsity chart")
+    _model_arguments(layers)
+
+    compare = commands.add_parser("compare", help="sweep amounts x modes; leaves MODEL dense")
+    _model_arguments(compare)
+    compare.add_argument("--amounts", type=float, nargs="+", default=[0.0, 0.3], metavar="A")
+    compare.add_argument("--modes", nargs="+", choices=["masked", "csr"], default=["masked", "csr"])
+    _method_arguments(compare)
+    compare.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+
+    reset = commands.add_parser("reset", help="back to the dense original, bit-exact")
+    _model_arguments(reset)
+
+    history = commands.add_parser("history", help="every measured row")
+    history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
+    history.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+
+    panel = commands.add_parser("panel", help="open the interactive panel with live charts")
+    panel.add_argument("model", help="variable name of the model")
+    panel.add_argument("tokenizer_name", nargs="?", default=None, metavar="TOKENIZER")
+
+    sensitivity = commands.add_parser("sensitivity", help="top-1 drop when each layer alone is pruned")
+    _model_arguments(sensitivity)
+    sensitivity.add_argument("--amount", type=float, default=0.5)
+    sensitivity.add_argument("--criterion", default="magnitude")
+
+    commands.add_parser("corpus", help="%%%%sparsify corpus: the cell's lines become the evaluation texts")
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="variable name of the model")
+    parser.add_argument("--tokenizer", default=None, metavar="NAME", help="variable name of its tokenizer")
+
+
+def _method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--criterion", default="magnitude", help="magnitude, wanda or sparsegpt")
+    parser.add_argument("--scope", default="global", help="global, layer or row")
+    parser.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (keeps 2 of every 4 weights)")
+
+
+@magics_class
+class SparsifyMagics(Magics):
+    """``%sparsify SUBCOMMAND ...``: load, prune, measure and compare a causal LM in place."""
+
+    def __init__(self, shell) -> None:
+        super().__init__(shell)
+        self._tokenizers: dict[int, object] = {}
+        self._texts: list[str] | None = None
+        self._last_model: str | None = None
+
+    @line_cell_magic
+    def sparsify(self, line: str, cell: str | None = None):
+        """Prune a causal LM in place and measure what it does.
+
+        Subcommands (``%sparsify SUBCOMMAND --help`` for each)::
+
+            %sparsify load [SOURCE] [--as MODEL,TOKENIZER] [--dtype float32|float16|bfloat16]
+            %sparsify prune MODEL --amount 0.3 [--mode masked|csr] [--criterion magnitude|wanda|sparsegpt]
+                                  [--scope global|layer|row] [--pattern 2:4] [--include GLOB..] [--exclude GLOB..]
+            %sparsify stats MODEL [--latency]
+            %sparsify layers MODEL
+            %sparsify compare MODEL --amounts 0 0.3 0.5 0.7 [--modes masked csr] [--latency]
+            %sparsify reset MODEL
+            %sparsify history [MODEL] [--csv PATH]
+            %sparsify panel MODEL [TOKENIZER]
+            %sparsify sensitivity MODEL [--amount 0.5] [--criterion magnitude]
+            %%sparsify corpus        (cell body: evaluation texts, one per line)
+        """
+        try:
+            args = build_parser().parse_args(shlex.split(line))
+        except _HelpShown:
+            return None
+        except ValueError as error:  # shlex: unbalanced quotes
+            raise UsageError(f"%sparsify: {error}") from None
+        if args.command is None:
+            raise UsageError("%sparsify needs a subcommand: " + ", ".join(SUBCOMMANDS) + " (see %sparsify --help)")
+        if (cell is not None) != (args.command == "corpus"):
+            raise UsageError("corpus is a cell magic: start the cell with %%sparsify corpus, one text per line"
+                             if args.command == "corpus" else "only %%sparsify corpus takes a cell body")
+        try:
+            return getattr(self, f"_{args.command}")(args, cell) if cell is not None else getattr(self, f"_{args.command}")(args)
+        except (ValueError, TypeError, ModelLoadError) as error:
+            raise UsageError(str(error)) from None
+
+    # -- subcommands ------------------------------------------------------------------------
+
+    def _load(self, args):
+        names = [name.strip() for name in args.names.split(",")]
+        if len(names) != 2 or not all(name.isidentifier() for name in names):
+            raise UsageError(f"--as takes two variable names MODEL,TOKENIZER; got {args.names!r}")
+        model, tokenizer = load_model(args.source, dtype=args.dtype)
+        previous = self.shell.user_ns.get(names[0])
+        if isinstance(previous, nn.Module):
+            forget_session(previous)
+        self.shell.user_ns[names[0]], self.shell.user_ns[names[1]] = model, tokenizer
+        self._tokenizers[id(model)] = tokenizer
+        self._last_model = names[0]
+        count = sum(p.numel() for p in model.parameters())
+        label = args.source or "the embedded SmolLM2-135M-Instruct"
+        print(f"Loaded {label}: {count / 1e6:.1f} M parameters, {next(model.parameters()).dtype} "
+              f"-> `{names[0]}`, `{names[1]}`")
+
+    def _prune(self, args):
+        session = self._session(args)
+        session.apply(args.amount, mode=args.mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
+                      include=args.include, exclude=args.exclude, backend=args.backend)
+        return pd.DataFrame([session.measure(latency=args.latency)])
+
+    def _stats(self, args):
+        return pd.DataFrame([self._session(args).measure(latency=args.latency)])
+
+    def _layers(self, args):
+        from .charts import LayerChart
+
+        table = self._session(args).layer_table()
+        chart = LayerChart()
+        chart.update(table)
+        _show(chart.figure)
+        return table
+
+    def _compare(self, args):
+        from tqdm.auto import tqdm
+
+        from .charts import VariantCharts
+
+        session = self._session(args)
+        plan = [(amount, mode) for amount in args.amounts for mode in args.modes if amount > 0]
+        rows = []
+        try:
+            session.reset()
+            rows.append(session.measure(latency=args.latency))
+            for amount, mode in tqdm(plan, desc="compare"):
+                session.apply(amount, mode=mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
+                              progress=silent)
+                rows.append(session.measure(latency=args.latency))
+        finally:
+            session.reset()
+        table = pd.DataFrame(rows)
+        charts = VariantCharts()
+        charts.update(table)
+        _show(charts.layout())
+        return table
+
+    def _reset(self, args):
+        self._session(args).reset()
+        print(f"`{args.model}` is dense again (bit-exact original).")
+
+    def _history(self, args):
+        name = args.model or self._last_model
+        if name is None:
+            raise UsageError("no model measured yet: name one, e.g. %sparsify history model")
+        session = session_for(self._model(name))
+        if args.csv:
+            print(f"Wrote {session.to_csv(args.csv)}")
+        return session.history
+
+    def _panel(self, args):
+        from .panel import Panel
+
+        tokenizer = self._model_tokenizer_by_name(args.tokenizer_name) if args.tokenizer_name else None
+        panel = Panel(self._session_of(args.model, tokenizer))
+        display(panel)
+        return None
+
+    def _sensitivity(self, args):
+        from .charts import sensitivity_figure
+
+        table = self._session(args).sensitivity(args.amount, criterion=args.criterion)
+        _show(sensitivity_figure(table))
+        return table
+
+    def _corpus(self, args, cell: str):
+        texts = [line.strip() for line in cell.splitlines() if line.strip()]
+        if not texts:
+            raise UsageError("the %%sparsify corpus cell is empty: write one evaluation text per line")
+        self._texts = texts
+        for session in all_sessions():
+            session.set_texts(texts)
+        print(f"Evaluation corpus: {len(texts)} texts; later measurements use it.")
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def _model(self, name: str) -> nn.Module:
+        if name not in self.shell.user_ns:
+            raise UsageError(f"no variable named {name!r} in the notebook; load a model first: %sparsify load --as {name},tokenizer")
+        model = self.shell.user_ns[name]
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{name!r} is a {type(model).__name__}, not a torch model; pass the variable that holds the model")
+        return model
+
+    def _model_tokenizer_by_name(self, name: str):
+        if name not in self.shell.user_ns:
+            raise UsageError(f"no variable named {name!r} in the notebook (the tokenizer)")
+        return self.shell.user_ns[name]
+
+    def _session(self, args):
+        tokenizer = self._model_tokenizer_by_name(args.tokenizer) if getattr(args, "tokenizer", None) else None
+        return self._session_of(args.model, tokenizer)
+
+    def _session_of(self, name: str, tokenizer=None):
+        model = self._model(name)
+        known = existing_session(model)
+        if known is None and tokenizer is None:
+            tokenizer = self._tokenizers.get(id(model))
+            if tokenizer is None:
+                raise UsageError(f"which tokenizer goes with {name!r}? pass --tokenizer NAME (or load it with %sparsify load)")
+        self._last_model = name
+        return known or session_for(model, tokenizer, self._texts)
+
+
+def _show(obj) -> None:
+    from bokeh.io import show
+
+    show(obj)
+
+
+def register(ipython) -> None:
+    """Register the magics (again: harmless) and set Bokeh up for offline notebooks."""
+    from bokeh.io import output_notebook
+    from bokeh.resources import INLINE
+
+    ipython.register_magics(SparsifyMagics)
+    output_notebook(resources=INLINE, hide_banner=True)
+
+
+def unregister(ipython) -> None:
+    """Remove the magics."""
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("sparsify", None)

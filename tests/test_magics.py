@@ -1,0 +1,130 @@
+"""The %sparsify magics through a real IPython InteractiveShell."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+
+from jupyter_sparsify.formats import CSRLinear
+from jupyter_sparsify.session import existing_session
+
+from conftest import state_checksum, tiny_model
+
+
+@pytest.fixture(scope="module")
+def shell():
+    ip = start_ipython()
+    ip.run_line_magic("load_ext", "jupyter_sparsify")
+    yield ip
+    ip.run_line_magic("unload_ext", "jupyter_sparsify")
+
+
+@pytest.fixture
+def tiny(shell, tokenizer):
+    shell.user_ns["tiny"], shell.user_ns["tok"] = tiny_model("llama"), tokenizer
+    shell.run_line_magic("sparsify", "stats tiny --tokenizer tok")  # makes the session
+    return shell.user_ns["tiny"]
+
+
+def magic(shell, line):
+    return shell.run_line_magic("sparsify", line)
+
+
+def test_loading_twice_is_harmless_and_unload_removes_the_magic(shell):
+    shell.run_line_magic("load_ext", "jupyter_sparsify")
+    shell.run_line_magic("reload_ext", "jupyter_sparsify")
+    assert "sparsify" in shell.magics_manager.magics["line"]
+    shell.run_line_magic("unload_ext", "jupyter_sparsify")
+    assert "sparsify" not in shell.magics_manager.magics["line"]
+    shell.run_line_magic("load_ext", "jupyter_sparsify")
+    assert "sparsify" in shell.magics_manager.magics["cell"]
+
+
+def test_load_binds_the_embedded_model_under_the_given_names(shell):
+    magic(shell, "load --as smol,smol_tok")
+    model, tok = shell.user_ns["smol"], shell.user_ns["smol_tok"]
+    assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token is not None
+    row = magic(shell, "stats smol")  # the tokenizer is remembered from load
+    assert isinstance(row, pd.DataFrame) and row.loc[0, "setup"] == "Dense" and row.loc[0, "top1_match"] == 1.0
+    del shell.user_ns["smol"], shell.user_ns["smol_tok"]
+
+
+def test_prune_stats_layers_reset_history(shell, tiny, tmp_path):
+    before = state_checksum(tiny)
+    row = magic(shell, "prune tiny --amount 0.5 --mode csr --scope row")
+    assert row.loc[0, "setup"] == "CSR 50% row" and abs(row.loc[0, "sparsity_prunable"] - 0.5) < 1e-6
+    assert any(isinstance(m, CSRLinear) for m in tiny.modules())
+    layers = magic(shell, "layers tiny")
+    assert set(layers["format"]) == {"csr"} and len(layers) == 14
+    assert magic(shell, "stats tiny").loc[0, "setup"] == "CSR 50% row"
+    magic(shell, "reset tiny")
+    assert state_checksum(tiny) == before
+    history = magic(shell, f"history tiny --csv {tmp_path / 'h.csv'}")
+    assert list(history["setup"]) == ["Dense", "CSR 50% row", "CSR 50% row"]
+    assert pd.read_csv(tmp_path / "h.csv").shape == history.shape
+
+
+def test_compare_sweeps_and_leaves_the_model_dense(shell, tiny):
+    before = state_checksum(tiny)
+    table = magic(shell, "compare tiny --amounts 0 0.3 0.5 --modes masked csr")
+    assert list(table["setup"]) == ["Dense", "Masked 30%", "CSR 30%", "Masked 50%", "CSR 50%"]
+    size = dict(zip(table["setup"], table["size_mb"]))
+    # 16-bit indices: a nonzero costs 6 bytes against dense's 4, so CSR breaks even at 33 %
+    assert size["CSR 30%"] > size["Dense"] == size["Masked 30%"] > size["CSR 50%"]
+    assert state_checksum(tiny) == before
+
+
+def test_corpus_cell_changes_later_measurements(shell, tiny):
+    shell.run_cell_magic("sparsify", "corpus", "The valley is quiet.\nThe river bends slowly.\n")
+    assert existing_session(tiny).texts == ["The valley is quiet.", "The river bends slowly."]
+    assert magic(shell, "stats tiny").loc[0, "eval_tokens"] == 10  # 4 words and a full stop, twice
+    from jupyter_sparsify.corpus import SEED_TEXTS
+
+    shell.run_cell_magic("sparsify", "corpus", "\n".join(SEED_TEXTS))
+    assert existing_session(tiny).texts == list(SEED_TEXTS)
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("", "needs a subcommand"),
+        ("explode tiny", "invalid choice"),
+        ("prune nowhere --amount 0.3", "no variable named 'nowhere'"),
+        ("prune tok --amount 0.3", "not a torch model"),
+        ("prune tiny --amount 1.5", "amount must be in [0, 1)"),
+        ("prune tiny --amount lots", "invalid float value"),
+        ("prune tiny --amount 0.3 --mode sparse", "invalid choice"),
+        ("prune tiny --amount 0.3 --criterion random", "criterion must be one of"),
+        ("prune tiny --amount 0.3 --include '*.nothing'", "matches no linear layer"),
+        ("load --as onlyone", "--as takes two variable names"),
+        ("load /no/such/model.gguf", "GGUF file not found"),
+        ("corpus", "cell magic"),
+    ],
+)
+def test_errors_are_one_line_usage_errors_and_change_nothing(shell, tiny, line, words):
+    magic(shell, "prune tiny --amount 0.3")
+    before = state_checksum(tiny)
+    with pytest.raises(UsageError) as caught:
+        magic(shell, line)
+    assert words in str(caught.value) and "\n" not in str(caught.value).strip()
+    assert state_checksum(tiny) == before
+
+
+def test_a_bad_command_in_a_cell_shows_no_traceback(shell, tiny, capsys):
+    result = shell.run_cell("%sparsify prune tiny --amount 2")
+    assert isinstance(result.error_in_exec, UsageError)
+    shown = capsys.readouterr()
+    assert "Traceback" not in shown.out + shown.err and "amount must be in [0, 1)" in shown.out + shown.err
+
+
+def test_help_explains_every_subcommand(shell, capsys):
+    magic(shell, "--help")
+    text = capsys.readouterr().out
+    for command in ("load", "prune", "stats", "layers", "compare", "reset", "history", "panel", "corpus"):
+        assert command in text
+    magic(shell, "prune --help")
+    assert "--amount" in capsys.readouterr().out
+    doc = shell.find_line_magic("sparsify").__doc__
+    assert "%sparsify compare MODEL --amounts" in doc
