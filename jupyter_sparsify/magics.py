@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import display
 from torch import nn
 
 from .corpus import SEED_TEXTS
@@ -223,9 +222,7 @@ class SparsifyMagics(Magics):
         from .panel import Panel
 
         tokenizer = self._model_tokenizer_by_name(args.tokenizer_name) if args.tokenizer_name else None
-        panel = Panel(self._session_of(args.model, tokenizer))
-        display(panel)
-        return None
+        Panel(self._session_of(args.model, tokenizer)).show()
 
     def _sensitivity(self, args):
         from .charts import sensitivity_figure

@@ -1,0 +1,180 @@
+"""The ipywidgets panel: controls, progress, live Bokeh charts, the results table."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import ipywidgets as widgets
+import pandas as pd
+from IPython.display import HTML, display
+from jupyter_bokeh.widgets import BokehModel
+
+from .charts import LayerChart, VariantCharts, report_html
+from .pruning import SCOPES
+from .session import Session
+from .strategies import CRITERIA
+
+PATTERNS = ("unstructured", "2:4", "4:8")
+STATIC_CLASS = "jupyter-sparsify-static"
+# The live panel hides the static snapshot saved next to it; without a kernel only the snapshot shows.
+_HIDE_STATIC = f"<style>.{STATIC_CLASS} {{display: none;}}</style>"
+
+
+class Panel(widgets.VBox):
+    """Sliders and buttons that prune a session's model in place, with live charts.
+
+    Example:
+        >>> Panel(session_for(model, tokenizer))   # or: %sparsify panel model tokenizer
+    """
+
+    def __init__(self, session: Session, export_dir: str | Path = "sparsify_results") -> None:
+        self.session = session
+        self.export_dir = Path(export_dir)
+        self._busy = False
+        self.amount = widgets.FloatSlider(
+            value=0.3, min=0.0, max=0.95, step=0.05, continuous_update=False, readout_format=".0%",
+            description="Sparsity", style={"description_width": "70px"}, layout=widgets.Layout(width="360px"),
+        )
+        self.mode = widgets.ToggleButtons(options=[("Dense", "dense"), ("Masked", "masked"), ("CSR", "csr")],
+                                          value="masked", description="Mode", style={"button_width": "70px"})
+        self.criterion = widgets.Dropdown(options=CRITERIA, value="magnitude", description="Criterion")
+        self.scope = widgets.Dropdown(options=SCOPES, value="global", description="Scope")
+        self.pattern = widgets.Dropdown(options=PATTERNS, value="unstructured", description="Pattern")
+        self.latency = widgets.Checkbox(value=False, description="measure latency (vs dense, same run)", indent=False)
+        self.apply_button = widgets.Button(description="Apply", button_style="primary", icon="play")
+        self.reset_button = widgets.Button(description="Reset", icon="undo")
+        self.export_button = widgets.Button(description="Export", icon="download")
+        self.progress = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="360px"))
+        self.status = widgets.Label(value="Ready: dense model. Move the slider or press Apply.")
+        self.errors = widgets.Output()
+        self.charts = VariantCharts()
+        self.layer_chart = LayerChart()
+        self.table = widgets.HTML()
+        tabs = widgets.Tab(children=[BokehModel(self.charts.layout()), BokehModel(self.layer_chart.figure)])
+        tabs.set_title(0, "Variants")
+        tabs.set_title(1, "Layers")
+        controls = widgets.VBox([
+            widgets.HBox([self.amount, self.mode]),
+            widgets.HBox([self.criterion, self.scope, self.pattern]),
+            widgets.HBox([self.latency, self.apply_button, self.reset_button, self.export_button]),
+            widgets.HBox([self.progress, self.status]),
+        ])
+        super().__init__([controls, self.errors, tabs, self.table])
+        self.amount.observe(lambda change: self.apply(), names="value")
+        self.apply_button.on_click(lambda _: self.apply())
+        self.reset_button.on_click(lambda _: self.reset())
+        self.export_button.on_click(lambda _: self.export())
+        self._snapshot = None
+        if session.history.empty:
+            session.measure()  # the dense baseline every chart compares against
+        self.refresh()
+
+    def show(self) -> None:
+        """Display the panel and, beside it, a static snapshot that a saved notebook keeps."""
+        display(self)
+        self._snapshot = display(HTML(self._static_html()), display_id=True)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def apply(self) -> None:
+        """Prune with the controls' settings, measure, and update charts and table."""
+        pattern = None if self.pattern.value == "unstructured" else self.pattern.value
+
+        def work() -> str:
+            if self.mode.value == "dense":
+                self.session.reset()
+            else:
+                if self.mode.value == "csr":
+                    self.status.value = "Preparing the sparse kernel (compiled once on first use, then cached)…"
+                self.session.apply(
+                    None if pattern else self.amount.value, mode=self.mode.value, criterion=self.criterion.value,
+                    scope=self.scope.value, pattern=pattern, progress=self._report,
+                )
+            return self._measure()
+
+        self._run("Pruning", work)
+
+    def reset(self) -> None:
+        """Back to the dense original (bit-exact) and measure it."""
+        self._run("Resetting", lambda: (self.session.reset(), self._measure())[1])
+
+    def export(self) -> None:
+        """Write the HTML report (charts + table, works offline) and the CSV; say where."""
+
+        def work() -> str:
+            self.export_dir.mkdir(parents=True, exist_ok=True)
+            report = self.export_dir / "report.html"
+            report.write_text(report_html(self.session.history, self.session.layer_table()), encoding="utf-8")
+            csv = self.session.to_csv(self.export_dir / "history.csv")
+            return f"Exported {report.resolve()} and {csv.resolve()}"
+
+        self._run("Exporting", work)
+
+    def refresh(self) -> None:
+        """Redraw charts, layer view and table from the session (data only, nothing re-rendered)."""
+        history = self.session.history
+        self.charts.update(history)
+        self.layer_chart.update(self.session.layer_table())
+        self.table.value = _HIDE_STATIC + _history_html(history)
+        if self._snapshot is not None:
+            self._snapshot.update(HTML(self._static_html()))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _run(self, what: str, work) -> None:
+        if self._busy:
+            self.status.value = "Busy: the previous request is still running; try again when it finishes."
+            return
+        self._busy = True
+        self._set_enabled(False)
+        self.errors.clear_output()
+        self.progress.value, self.progress.bar_style = 0.0, "info"
+        self.status.value = f"{what}…"
+        try:
+            self.status.value = work()
+            self.progress.value, self.progress.bar_style = 1.0, "success"
+        except Exception as error:  # shown in the panel, never lost in the kernel log
+            self.progress.bar_style = "danger"
+            self.status.value = f"Failed: {error} (the model is as it was before)"
+            self.errors.append_stdout(f"{type(error).__name__}: {error}\n")
+        finally:
+            self._busy = False
+            self._set_enabled(True)
+
+    def _measure(self) -> str:
+        self.status.value = "Measuring top-1 agreement and perplexity" + (" and latency…" if self.latency.value else "…")
+        row = self.session.measure(latency=self.latency.value)
+        self.refresh()
+        text = (f"{row['setup']}: top-1 agreement {row['top1_match']:.1%}, size {row['size_mb']:.1f} MiB, "
+                f"compute {row['compute_ratio']:.2f}× dense")
+        if self.latency.value:
+            text += f", decode {row['decode_speedup']:.2f}× dense speed"
+        return text
+
+    def _report(self, done: int, total: int, message: str) -> None:
+        self.progress.value = done / total if total else 0.0
+        self.status.value = message
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for control in (self.amount, self.mode, self.criterion, self.scope, self.pattern, self.latency,
+                        self.apply_button, self.reset_button, self.export_button):
+            control.disabled = not enabled
+
+    def _static_html(self) -> str:
+        return (f'<div class="{STATIC_CLASS}"><p><b>jupyter_sparsify panel</b> (static snapshot: run the notebook '
+                f"for the live panel)</p>{_history_html(self.session.history)}</div>")
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = f"jupyter_sparsify panel: {len(self.session.history)} measurements (run the cell for the live panel)"
+        return bundle
+
+
+def _history_html(history: pd.DataFrame) -> str:
+    if history.empty:
+        return "<p>No measurement yet.</p>"
+    columns = ["setup", "size_mb", "sparsity_prunable", "sparsity_model", "compute_ratio", "executed_ratio",
+               "top1_match", "perplexity", "prefill_speedup", "decode_speedup"]
+    shown = history[columns].rename(columns=lambda c: html.escape(c))
+    return shown.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", classes="jupyter-sparsify-table")

@@ -1,0 +1,75 @@
+"""The panel's widgets driven from Python: controls, charts' data, table, errors, export."""
+
+from __future__ import annotations
+
+import pytest
+
+from jupyter_sparsify.formats import CSRLinear
+from jupyter_sparsify.panel import Panel
+from jupyter_sparsify.session import Session
+
+from conftest import state_checksum, tiny_model
+
+
+@pytest.fixture
+def panel(tokenizer, tmp_path):
+    return Panel(Session(tiny_model("gpt2"), tokenizer), export_dir=tmp_path / "out")
+
+
+def test_opening_measures_the_dense_baseline(panel):
+    assert list(panel.session.history["setup"]) == ["Dense"]
+    assert panel.charts.bars.data["setup"] == ["Dense"]
+    assert "Dense" in panel.table.value
+
+
+def test_the_slider_prunes_on_release_and_the_charts_follow(panel):
+    panel.mode.value = "csr"
+    panel.amount.value = 0.5  # one change event = one release
+    session = panel.session
+    assert session.settings.label == "CSR 50%"
+    assert any(isinstance(m, CSRLinear) for m in session.model.modules())
+    bars = panel.charts.bars.data
+    assert bars["setup"] == ["Dense", "CSR 50%"]
+    assert bars["top1_match"][1] == session.history["top1_match"].iloc[-1]
+    assert bars["executed_ratio"][1] < 1.0
+    assert panel.layer_chart.source.data["value"] and max(panel.layer_chart.source.data["value"]) > 0.3
+    assert panel.charts.curves.data["xs"] == [[0.0, pytest.approx(0.5, abs=0.01)]]
+    assert "CSR 50%" in panel.table.value and "CSR 50%" in panel.status.value
+    assert panel.progress.bar_style == "success" and not panel.apply_button.disabled
+
+
+def test_apply_with_a_pattern_and_reset(panel):
+    before = state_checksum(panel.session.model)
+    panel.pattern.value = "2:4"
+    panel.apply_button.click()
+    assert panel.session.settings.label == "Masked 2:4"
+    panel.reset_button.click()
+    assert state_checksum(panel.session.model) == before
+    assert list(panel.session.history["setup"]) == ["Dense", "Masked 2:4", "Dense"]
+
+
+def test_a_failure_shows_in_the_panel_and_changes_nothing(panel):
+    panel.amount.value = 0.3
+    before = state_checksum(panel.session.model)
+    panel.criterion.value, panel.scope.value = "sparsegpt", "global"
+    panel.apply_button.click()
+    assert "scope='row'" in panel.errors.outputs[0]["text"]
+    assert panel.status.value.startswith("Failed") and panel.progress.bar_style == "danger"
+    assert state_checksum(panel.session.model) == before
+    assert not panel.apply_button.disabled
+
+
+def test_a_second_request_while_busy_is_refused(panel):
+    panel._busy = True
+    panel.apply_button.click()
+    assert panel.status.value.startswith("Busy") and len(panel.session.history) == 1
+    panel._busy = False
+
+
+def test_export_writes_report_and_csv(panel, tmp_path):
+    panel.amount.value = 0.5
+    panel.export_button.click()
+    report, csv = tmp_path / "out" / "report.html", tmp_path / "out" / "history.csv"
+    assert report.exists() and csv.exists() and str(report.resolve()) in panel.status.value
+    text = report.read_text()
+    assert "Masked 50%" in text and "Bokeh" in text and "cdn.bokeh.org" not in text
