@@ -6,6 +6,8 @@ screen (through jupyter_bokeh) changes without being re-rendered.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from bokeh.embed import file_html
 from bokeh.layouts import column, gridplot
@@ -142,6 +144,14 @@ def report_html(history: pd.DataFrame, layers: pd.DataFrame | None = None, title
     page = file_html(column(*parts), INLINE, title)
     table = history.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
     return page.replace("</body>", f"<h2>Results</h2>\n{table}\n</body>")
+
+
+def write_report(path: str | Path, history: pd.DataFrame, layers: pd.DataFrame | None = None) -> Path:
+    """Write :func:`report_html` to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report_html(history, layers), encoding="utf-8")
+    return path
 
 
 def _empty_bars() -> dict[str, list]:

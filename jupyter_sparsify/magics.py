@@ -16,6 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from torch import nn
 
 from .corpus import SEED_TEXTS
+from .charts import write_report
 from .models import ModelLoadError, load_model
 from .progress import silent
 from .session import all_sessions, existing_session, forget_session, session_for
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="every measured row")
     history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
     history.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
+    history.add_argument("--html", default=None, metavar="PATH", help="also write a standalone HTML report (charts + table)")
 
     panel = commands.add_parser("panel", help="open the interactive panel with live charts")
     panel.add_argument("model", help="variable name of the model")
@@ -125,7 +127,7 @@ class SparsifyMagics(Magics):
             %sparsify layers MODEL
             %sparsify compare MODEL --amounts 0 0.3 0.5 0.7 [--modes masked csr] [--latency]
             %sparsify reset MODEL
-            %sparsify history [MODEL] [--csv PATH]
+            %sparsify history [MODEL] [--csv PATH] [--html PATH]
             %sparsify panel MODEL [TOKENIZER]
             %sparsify sensitivity MODEL [--amount 0.5] [--criterion magnitude]
             %%sparsify corpus        (cell body: evaluation texts, one per line)
@@ -216,6 +218,8 @@ class SparsifyMagics(Magics):
         session = session_for(self._model(name))
         if args.csv:
             print(f"Wrote {session.to_csv(args.csv)}")
+        if args.html:
+            print(f"Wrote {write_report(args.html, session.history, session.layer_table())}")
         return session.history
 
     def _panel(self, args):

@@ -10,7 +10,7 @@ import pandas as pd
 from IPython.display import HTML, display
 from jupyter_bokeh.widgets import BokehModel
 
-from .charts import LayerChart, VariantCharts, report_html
+from .charts import LayerChart, VariantCharts, write_report
 from .pruning import SCOPES
 from .session import Session
 from .strategies import CRITERIA
@@ -103,9 +103,7 @@ class Panel(widgets.VBox):
         """Write the HTML report (charts + table, works offline) and the CSV; say where."""
 
         def work() -> str:
-            self.export_dir.mkdir(parents=True, exist_ok=True)
-            report = self.export_dir / "report.html"
-            report.write_text(report_html(self.session.history, self.session.layer_table()), encoding="utf-8")
+            report = write_report(self.export_dir / "report.html", self.session.history, self.session.layer_table())
             csv = self.session.to_csv(self.export_dir / "history.csv")
             return f"Exported {report.resolve()} and {csv.resolve()}"
 

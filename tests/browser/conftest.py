@@ -9,7 +9,7 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "browser: end-to-end test in JupyterLab + headless chromium (needs scripts/setup_browser.sh)",
+        "browser: end-to-end test in JupyterLab + headless chromium (scripts/setup_browser.sh)",
     )
 
 

@@ -26,15 +26,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import psutil
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 CHROMIUM = "/usr/bin/chromium"
@@ -77,6 +77,11 @@ _PANEL_JS = """(() => {
   }
   return null;
 })()"""
+
+_NOTEBOOK_READY_JS = f"""() => {{
+  const panel = {_PANEL_JS};
+  return !!panel && panel.context.isReady && panel.content.widgets.length > 0;
+}}"""
 
 _KERNEL_IDLE_JS = f"""() => {{
   const panel = {_PANEL_JS};
@@ -172,7 +177,10 @@ def running_jupyterlab(root_dir: Path, *, python: str = sys.executable) -> Itera
     python = os.path.abspath(shutil.which(python) or python)  # keep venv symlinks unresolved
     root_dir = Path(root_dir).resolve()
     with tempfile.TemporaryDirectory(prefix="jupyterlab-test-") as tmp:
-        dirs = {name: Path(tmp, name) for name in ("config", "data", "runtime", "settings", "workspaces", "ipython")}
+        dirs = {
+            name: Path(tmp, name)
+            for name in ("config", "data", "runtime", "settings", "workspaces", "ipython")
+        }
         for d in dirs.values():
             d.mkdir()
         _write_isolated_config(dirs, python)
@@ -190,7 +198,10 @@ def running_jupyterlab(root_dir: Path, *, python: str = sys.executable) -> Itera
         }
         token = secrets.token_hex(24)
         cmd = [
-            python, "-m", "jupyter", "lab",
+            python,
+            "-m",
+            "jupyter",
+            "lab",
             "--no-browser",
             "--allow-root",
             "--ServerApp.ip=127.0.0.1",
@@ -209,8 +220,13 @@ def running_jupyterlab(root_dir: Path, *, python: str = sys.executable) -> Itera
         log_path = Path(tmp, "server.log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                cmd, cwd=root_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                cmd,
+                cwd=root_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         lab = LabServer("", token, root_dir, log_path, process)
         try:
@@ -227,11 +243,15 @@ def _write_isolated_config(dirs: dict[str, Path], python: str) -> None:
     """Write the kernelspec, page_config (disabled plugins) and user settings."""
     kernel_dir = dirs["data"] / "kernels" / KERNEL_NAME
     kernel_dir.mkdir(parents=True)
-    (kernel_dir / "kernel.json").write_text(json.dumps({
-        "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (test)",
-        "language": "python",
-    }))
+    (kernel_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (test)",
+                "language": "python",
+            }
+        )
+    )
     labconfig = dirs["config"] / "labconfig"
     labconfig.mkdir()
     (labconfig / "page_config.json").write_text(
@@ -267,7 +287,9 @@ def _wait_until_serving(lab: LabServer, runtime_dir: Path, timeout_s: float) -> 
             except (urllib.error.URLError, OSError):
                 pass
         time.sleep(0.25)
-    raise TimeoutError(f"JupyterLab did not answer within {timeout_s:.0f} s (url={url or 'unknown'})")
+    raise TimeoutError(
+        f"JupyterLab did not answer within {timeout_s:.0f} s (url={url or 'unknown'})"
+    )
 
 
 def _shutdown(lab: LabServer, runtime_dir: Path) -> None:
@@ -275,7 +297,8 @@ def _shutdown(lab: LabServer, runtime_dir: Path) -> None:
     ours = _our_processes(lab.process.pid, runtime_dir)  # collect before the server goes away
     if lab.url and lab.process.poll() is None:
         request = urllib.request.Request(
-            f"{lab.url}api/shutdown", method="POST",
+            f"{lab.url}api/shutdown",
+            method="POST",
             headers={"Authorization": f"token {lab.token}"},
         )
         try:
@@ -286,16 +309,12 @@ def _shutdown(lab: LabServer, runtime_dir: Path) -> None:
     for stop in (lab.process.terminate, lab.process.kill):
         if lab.process.poll() is None:
             stop()
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 lab.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
     _, alive = psutil.wait_procs(ours, timeout=10)
     for proc in alive:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=10)
 
 
@@ -308,9 +327,10 @@ def _our_processes(server_pid: int, runtime_dir: Path) -> list[psutil.Process]:
             found[proc.pid] = proc
     except psutil.NoSuchProcess:
         pass
+    marker = str(runtime_dir)
     for proc in psutil.process_iter():
         try:
-            if proc.pid != server_pid and proc.environ().get("JUPYTER_RUNTIME_DIR") == str(runtime_dir):
+            if proc.pid != server_pid and proc.environ().get("JUPYTER_RUNTIME_DIR") == marker:
                 found[proc.pid] = proc
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -323,7 +343,9 @@ def headless_chromium() -> Iterator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         raise RuntimeError(f"{CHROMIUM} not found: run scripts/setup_browser.sh")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
         try:
             yield browser
         finally:
@@ -339,12 +361,11 @@ def open_notebook(page: Page, lab: LabServer, path: str, timeout_s: float = 180)
     page.wait_for_function("() => !!window.jupyterapp", timeout=timeout_s * 1000)
     page.evaluate("path => { window.__harnessNotebookPath = path; }", path)
     try:
-        page.wait_for_function(
-            f"() => {{ const p = {_PANEL_JS}; return !!p && p.context.isReady && p.content.widgets.length > 0; }}",
-            timeout=timeout_s * 1000, polling=250,
-        )
+        page.wait_for_function(_NOTEBOOK_READY_JS, timeout=timeout_s * 1000, polling=250)
     except PlaywrightTimeoutError as exc:
-        raise TimeoutError(f"notebook {path!r} did not open within {timeout_s:.0f} s\n{_page_dialogs(page)}") from exc
+        raise TimeoutError(
+            f"notebook {path!r} did not open within {timeout_s:.0f} s\n{_page_dialogs(page)}"
+        ) from exc
 
 
 def run_all_and_wait(page: Page, timeout_s: float = 300) -> None:
@@ -387,7 +408,9 @@ def _output_text(output: dict[str, Any]) -> str:
     if kind == "stream":
         text = output.get("text", "")
     elif kind == "error":
-        text = "\n".join([f"{output.get('ename')}: {output.get('evalue')}", *output.get("traceback", [])])
+        text = "\n".join(
+            [f"{output.get('ename')}: {output.get('evalue')}", *output.get("traceback", [])]
+        )
     else:
         text = output.get("data", {}).get("text/plain", "")
     text = "".join(text) if isinstance(text, list) else str(text)
@@ -397,7 +420,8 @@ def _output_text(output: dict[str, Any]) -> str:
 def cell_outputs_text(page: Page) -> list[str]:
     """Each cell's outputs as plain text (one string per cell, "" for non-code cells)."""
     return [
-        "\n".join(_output_text(o) for o in cell["outputs"]) for cell in _notebook_state(page)["cells"]
+        "\n".join(_output_text(o) for o in cell["outputs"])
+        for cell in _notebook_state(page)["cells"]
     ]
 
 
@@ -445,10 +469,54 @@ def bokeh_sources(page: Page) -> list[dict[str, list[Any]]]:
     return page.evaluate(_BOKEH_SOURCES_JS)
 
 
+def wait_for_bokeh_data(
+    page: Page,
+    predicate: Callable[[list[dict[str, list[Any]]]], bool],
+    timeout_s: float = 60,
+    what: str = "the expected Bokeh data",
+) -> list[dict[str, list[Any]]]:
+    """Poll `bokeh_sources(page)` until `predicate` holds on it; return those sources."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sources = bokeh_sources(page)
+        if predicate(sources):
+            return sources
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{what} never reached the page within {timeout_s:.0f} s; Bokeh sources now: "
+                f"{sources}\n{describe_notebook(page)}"
+            )
+        page.wait_for_timeout(250)
+
+
+def set_slider(slider: Locator, value: float, timeout_s: float = 60) -> None:
+    """Set an ipywidgets slider (`div.widget-slider`) by typing `value` into its readout,
+    then wait until the handle reports it (`aria-valuenow`)."""
+    readout = slider.locator("div.widget-readout[contenteditable=true]")
+    readout.click()
+    readout.press("Control+A")
+    readout.press_sequentially(str(value))
+    readout.press("Enter")
+    handle = slider.locator(".noUi-handle[role=slider]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = float(handle.get_attribute("aria-valuenow") or "nan")
+        if abs(now - value) <= 1e-9 * max(1.0, abs(value)):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"slider shows {now}, not {value}, after {timeout_s:.0f} s")
+        slider.page.wait_for_timeout(250)
+
+
 def console_messages(page: Page) -> list[str]:
     """Start recording the page's console errors/warnings and uncaught exceptions; the
     returned list fills up as they happen (call before `open_notebook`)."""
     messages: list[str] = []
-    page.on("console", lambda m: messages.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            messages.append(f"{message.type}: {message.text}")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: messages.append(f"pageerror: {error}"))
     return messages

@@ -1,16 +1,17 @@
 """Prove the browser harness on a tiny ipywidgets + Bokeh notebook written at test time."""
 
 import sys
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
-from tests.browser.jupyterlab import (
-    bokeh_sources,
+from .jupyterlab import (
     cell_outputs_text,
     console_messages,
     describe_notebook,
@@ -19,6 +20,8 @@ from tests.browser.jupyterlab import (
     open_notebook,
     run_all_and_wait,
     running_jupyterlab,
+    set_slider,
+    wait_for_bokeh_data,
 )
 
 pytestmark = pytest.mark.browser
@@ -52,27 +55,24 @@ widgets.VBox([slider, button, BokehModel(fig)])"""
 
 
 def write_demo_notebook(path: Path) -> None:
+    """Write the demo notebook (setup cell, then the widget panel) to `path`."""
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.cells = [nbformat.v4.new_code_cell(SETUP_CELL), nbformat.v4.new_code_cell(PANEL_CELL)]
     nbformat.write(nb, path)
 
 
-def wait_for_source_y(page: Page, value: int, timeout_ms: int = 60_000) -> None:
-    """Poll the page's Bokeh data until a source has y == [value] * 3."""
-    deadline_ms = timeout_ms
-    while deadline_ms > 0:
-        if any(s.get("y") == [value] * 3 for s in bokeh_sources(page)):
-            return
-        page.wait_for_timeout(250)
-        deadline_ms -= 250
-    raise AssertionError(
-        f"y={[value] * 3} never reached the page's Bokeh data: {bokeh_sources(page)}\n"
-        f"{describe_notebook(page)}"
-    )
+def has_y(expected: list[int]) -> Callable[[list[dict[str, Any]]], bool]:
+    """Predicate for `wait_for_bokeh_data`: some source's "y" column equals `expected`."""
+    return lambda sources: any(source.get("y") == expected for source in sources)
 
 
 def test_widgets_and_bokeh_update_in_jupyterlab(tmp_path: Path, screenshot_dir: Path) -> None:
+    """Run the demo in Lab; slider + button must push new data into the page's Bokeh chart."""
     write_demo_notebook(tmp_path / "demo.ipynb")
     with running_jupyterlab(tmp_path) as lab, headless_chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -82,7 +82,9 @@ def test_widgets_and_bokeh_update_in_jupyterlab(tmp_path: Path, screenshot_dir: 
             open_notebook(page, lab, "demo.ipynb")
             run_all_and_wait(page, timeout_s=300)
             kernel_prefix = cell_outputs_text(page)[0].strip()
-            assert kernel_prefix == sys.prefix, f"kernel runs in {kernel_prefix!r}, not {sys.prefix!r}"
+            assert kernel_prefix == sys.prefix, (
+                f"kernel runs in {kernel_prefix!r}, not {sys.prefix!r}"
+            )
 
             slider = page.locator("div.widget-slider.widget-hslider")
             button = page.locator("button.jupyter-button", has_text="Apply")
@@ -95,17 +97,11 @@ def test_widgets_and_bokeh_update_in_jupyterlab(tmp_path: Path, screenshot_dir: 
                         f"{what} not rendered\n{describe_notebook(page)}\nconsole: {console}"
                     ) from exc
             assert not error_outputs(page), f"{error_outputs(page)}\n{describe_notebook(page)}"
-            assert any(s.get("y") == [0, 0, 0] for s in bokeh_sources(page)), bokeh_sources(page)
+            wait_for_bokeh_data(page, has_y([0, 0, 0]), what="the initial y=[0, 0, 0]")
 
-            readout = slider.locator("div.widget-readout[contenteditable=true]")
-            readout.click()
-            page.keyboard.press("Control+A")
-            page.keyboard.type("7")
-            page.keyboard.press("Enter")
-            expect(slider.locator(".noUi-handle[role=slider]")).to_have_attribute("aria-valuetext", "7")
-
+            set_slider(slider, 7)
             button.click()
-            wait_for_source_y(page, 7)
+            wait_for_bokeh_data(page, has_y([7, 7, 7]), what="y=[7, 7, 7] after the click")
             assert not error_outputs(page), f"{error_outputs(page)}\n{describe_notebook(page)}"
         finally:
             with suppress(PlaywrightError):
