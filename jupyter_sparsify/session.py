@@ -82,8 +82,8 @@ class Session:
         self._candidates = linear_layers(model)
         self._heads = head_module_names(model)
         self.default_layers = select_layers(self._candidates, self._heads)
-        self._originals = {layer.name: layer.module.weight.detach().clone() for layer in self._candidates
-                           if _is_first_owner(layer, self._candidates)}
+        self._originals: dict[str, torch.Tensor] = {}
+        self._snapshot(self.default_layers)
         self._dense_compute = metrics.linear_compute(model)
         self.settings = DENSE
         self._pruned: list[PrunableLayer] = []
@@ -213,7 +213,14 @@ class Session:
                     "stored as CSR; prune it in masked mode or leave it out of include"
                 )
 
+    def _snapshot(self, layers: list[PrunableLayer]) -> None:
+        """Keep a copy of each layer's dense weight (once per weight) so that it can be restored."""
+        for layer in layers:
+            if layer.name not in self._originals and _is_first_owner(layer, self._candidates):
+                self._originals[layer.name] = layer.module.weight.detach().clone()
+
     def _prune(self, settings: PruneSettings, layers: list[PrunableLayer], progress: Progress | None) -> None:
+        self._snapshot(layers)
         with tqdm_progress(progress, f"{settings.label}") as report:
             prune_with_criterion(layers, settings, report, self.calibration_stats)
             if settings.mode == "csr":
@@ -358,7 +365,7 @@ class Session:
 
     @property
     def undo_bytes(self) -> int:
-        """Memory held to undo pruning: a copy of every prunable weight."""
+        """Memory held to undo pruning: a copy of every weight pruned so far (the default layers from the start)."""
         return sum(t.numel() * t.element_size() for t in self._originals.values())
 
     def break_even_table(self) -> pd.DataFrame:
