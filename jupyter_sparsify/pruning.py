@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .criteria import nm_keep_mask
+from .criteria import nm_keep_mask, prune_count, row_keep_mask
 from .layers import PrunableLayer, weight_matrix
 
 SCOPES = ("global", "layer", "row")
@@ -55,11 +55,6 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
     return n, m
 
 
-def prune_count(numel: int, amount: float) -> int:
-    """How many of ``numel`` weights an ``amount`` prunes (rounded to the nearest)."""
-    return int(round(amount * numel))
-
-
 def prune_in_place(
     layers: Sequence[PrunableLayer],
     score_of: ScoreFn,
@@ -88,7 +83,7 @@ def prune_in_place(
     if pattern is not None:
         _apply_per_layer(layers, score_of, lambda scores: ~nm_keep_mask(scores, *pattern), progress)
     elif scope == "row":
-        _apply_per_layer(layers, score_of, lambda scores: lowest_per_row_mask(scores, amount), progress)
+        _apply_per_layer(layers, score_of, lambda scores: ~row_keep_mask(scores, amount), progress)
     elif scope == "layer":
         _apply_per_layer(
             layers, score_of, lambda scores: lowest_k_mask(scores, prune_count(scores.numel(), amount)), progress
@@ -110,15 +105,6 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask |= below
     _take_ties(flat, threshold, k - int(below.sum()), mask)
     return mask.view_as(scores)
-
-
-def lowest_per_row_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
-    """Boolean mask (True = prune) of the same count of lowest scores in every row."""
-    k = prune_count(scores.shape[1], amount)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, scores.topk(k, dim=1, largest=False, sorted=False).indices, True)
-    return mask
 
 
 def _apply_per_layer(layers, score_of: ScoreFn, mask_of, progress: Progress | None) -> None:

@@ -22,6 +22,7 @@ from .pruning import parse_pattern, validate_amount, validate_scope
 from .strategies import prune_with_criterion, validate_criterion
 
 MODES = ("dense", "masked", "csr")
+HESSIAN_BUDGET_BYTES = 1 << 30  # SparseGPT's calibration holds at most this much of [in, in] matrices at once
 HISTORY_COLUMNS = (
     "setup", "mode", "criterion", "scope", "pattern", "amount", "size_mb", "sparsity_prunable",
     "sparsity_model", "compute_ratio", "executed_ratio", "top1_match", "perplexity",
@@ -88,7 +89,7 @@ class Session:
         self.settings = DENSE
         self._pruned: list[PrunableLayer] = []
         self._rows: list[dict] = []
-        self._calibration: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._calibration: dict[str, dict[str, torch.Tensor]] = {}
         self.set_texts(texts)
 
     # -- corpus ---------------------------------------------------------------------------
@@ -384,16 +385,20 @@ class Session:
 
     def calibration_stats(self, want: str, layers: list[PrunableLayer], progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Input statistics of ``layers`` on the calibration texts, from the dense model, cached."""
-        from .calibration import collect_input_stats
+        from .calibration import collect_input_stats, in_features
 
-        key = (want, tuple(layer.name for layer in layers))
-        if key not in self._calibration:
+        cache = self._calibration.setdefault(want, {})
+        missing = [layer for layer in layers if layer.name not in cache]
+        if missing:
+            widest = max(in_features(layer.module) for layer in missing)
+            group_size = max(1, HESSIAN_BUDGET_BYTES // (4 * widest * widest)) if want == "hessians" else None
             with self.dense_view():
-                self._calibration[key] = collect_input_stats(
+                cache.update(collect_input_stats(
                     self.model, self.tokenizer, self.calibration_texts,
-                    [(layer.name, layer.module) for layer in layers], want=want, progress=progress,
-                )
-        return self._calibration[key]
+                    [(layer.name, layer.module) for layer in missing], want=want, group_size=group_size,
+                    progress=progress,
+                ))
+        return {layer.name: cache[layer.name] for layer in layers}
 
 
 _SESSIONS: dict[int, Session] = {}

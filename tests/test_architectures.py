@@ -7,7 +7,7 @@ import torch
 
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.layers import find_prunable_layers, weight_matrix
-from jupyter_sparsify.pruning import prune_count
+from jupyter_sparsify.criteria import prune_count
 from jupyter_sparsify.session import Session
 
 from conftest import ARCHITECTURES, state_checksum, tiny_model
@@ -92,3 +92,34 @@ def test_half_precision_csr_runs_on_cpu(dtype, backend, tokenizer):
     csr = session.measure()
     assert csr["top1_match"] > 0.9 * masked["top1_match"]
     assert isinstance(session.model.model.decoder.layers[0].fc1, CSRLinear)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("mode", ["masked", "csr"])
+def test_every_criterion_in_both_modes_then_reset_bit_exact(architecture, criterion, mode, tokenizer):
+    model = tiny_model(architecture)
+    before = state_checksum(model)
+    session = Session(model, tokenizer)
+    session.set_calibration_texts(["The valley is quiet and the river bends.", "Sparse kernels need real zeros."] * 4)
+    for scope, pattern in (("row", None), ("layer", "2:4")):
+        session.apply(None if pattern else 0.5, mode=mode, criterion=criterion, scope=scope, pattern=pattern,
+                      progress=lambda *a: None)
+        table = session.layer_table()
+        assert (table["sparsity"] - 0.5).abs().max() < 1e-9, table
+        assert session.measure()["setup"].startswith("CSR" if mode == "csr" else "Masked")
+    session.reset()
+    assert state_checksum(model) == before
+
+
+def test_sparsegpt_changes_the_kept_weights_and_reset_still_restores_them(tokenizer):
+    model = tiny_model("llama")
+    before = state_checksum(model)
+    original = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    session = Session(model, tokenizer)
+    session.apply(0.5, criterion="sparsegpt", scope="row", progress=lambda *a: None)
+    pruned = model.model.layers[0].mlp.down_proj.weight
+    kept = pruned != 0
+    assert not torch.equal(pruned[kept], original[kept])  # the OBS update compensates
+    session.reset()
+    assert state_checksum(model) == before

@@ -209,6 +209,16 @@ def _gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=128)).eval()
 
 
+def _opt():
+    """OPT feeds its MLP flattened ``[batch * seq, hidden]`` inputs: the mask must still apply."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                       max_position_embeddings=128, word_embed_proj_dim=32)
+    return OPTForCausalLM(config).eval()
+
+
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = decoder_layers(model)
     return [
@@ -218,9 +228,9 @@ def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=["llama", "gpt2", "opt"])
 def model(request):
-    return _llama() if request.param == "llama" else _gpt2()
+    return {"llama": _llama, "gpt2": _gpt2, "opt": _opt}[request.param]()
 
 
 @pytest.mark.parametrize("want", ["norms", "hessians"])
@@ -256,6 +266,17 @@ def test_hessian_groups_give_the_same_statistics():
     grouped = collect_input_stats(model, tokenizer, TEXTS, modules, want="hessians", group_size=3)
     for name in together:
         torch.testing.assert_close(together[name], grouped[name])
+
+
+def test_calibration_argument_edge_cases():
+    model, tokenizer = _llama(), _word_tokenizer()
+    assert collect_input_stats(model, tokenizer, TEXTS, [], want="hessians") == {}
+    with pytest.raises(ValueError, match="group_size"):
+        collect_input_stats(model, tokenizer, TEXTS, _prunable(model), want="hessians", group_size=0)
+    with pytest.raises(ValueError, match="want"):
+        collect_input_stats(model, tokenizer, TEXTS, _prunable(model), want="grads")
+    with pytest.raises(ValueError, match="empty"):
+        collect_input_stats(model, tokenizer, ["", ""], _prunable(model))
 
 
 def test_calibration_leaves_no_hooks_and_no_weight_changes(model):

@@ -1,0 +1,283 @@
+"""Calibration: run text through a model and collect, per layer, the statistics of its inputs.
+
+Two routes:
+
+* :func:`collect_input_stats` (one-shot): every statistic comes from the *dense* model. Wanda's
+  norms take one forward pass; SparseGPT's Hessians take one pass per group of ``group_size``
+  modules, so peak memory is bounded by the group's ``[in, in]`` matrices.
+* :func:`collect_sequential` (the SparseGPT paper's variant): transformer blocks are visited in
+  order, and block *i*'s statistics are taken on the outputs of blocks ``< i`` *after* a callback
+  has pruned them, so later layers compensate for the errors of earlier ones.
+
+Padding never counts: texts are right-padded and only positions with attention mask 1 are used.
+The model's weights are never changed (except by the callback of :func:`collect_sequential`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .criteria import InputNormAccumulator
+from .sparsegpt import HessianAccumulator
+
+Progress = Callable[[int, int, str], None]
+Stat = Literal["norms", "hessians"]
+Batch = tuple[Tensor, Tensor]  # input_ids [batch, seq], attention_mask [batch, seq]
+
+
+def default_calibration_texts() -> list[str]:
+    """The calibration corpus shipped with the package: one document per paragraph.
+
+    205 original documents written for this package (history, science, cooking, travel,
+    instructions, dialogue, news, fiction, Q&A, and Python/JS/SQL/shell snippets), about 24k
+    tokens with the SmolLM2 tokenizer; none is longer than 256 tokens. Its topics avoid those of
+    the default evaluation texts.
+    """
+    text = resources.files("jupyter_sparsify").joinpath("data/calibration.txt").read_text("utf-8")
+    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is ``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0]
+    raise TypeError(f"Only nn.Linear and Conv1D layers can be calibrated; got {type(module).__name__}")
+
+
+def collect_input_stats(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    modules: list[tuple[str, nn.Module]],
+    *,
+    want: Stat = "norms",
+    max_length: int = 256,
+    batch_size: int = 8,
+    group_size: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Tensor]:
+    """Input statistics of ``modules`` on ``texts``, all from the dense model.
+
+    Args:
+        model: a causal LM (its weights are not changed).
+        tokenizer: its tokenizer; each text is truncated to ``max_length`` tokens.
+        texts: calibration documents (e.g. :func:`default_calibration_texts`).
+        modules: ``(qualified name, module)`` pairs of ``nn.Linear`` / ``Conv1D`` layers.
+        want: ``"norms"``: ``||X_j||_2`` per input column (float32 ``[in]``, for Wanda);
+            ``"hessians"``: ``(1/N) Σ x xᵀ`` over the N tokens (float32 ``[in, in]``, for SparseGPT).
+        batch_size: texts per forward pass.
+        group_size: with ``"hessians"``, at most this many modules per pass (``None``: all in
+            one pass). Memory ≈ ``group_size * in² * 4`` bytes; passes = ``ceil(len/group_size)``,
+            each stopping as soon as its last module has run.
+        progress: called as ``progress(done, total, message)`` after each batch.
+
+    Returns:
+        ``{name: statistic}`` on each module's device.
+    """
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size must be at least 1 (or None for one pass); got {group_size}")
+    batches = _batches(tokenizer, texts, max_length, batch_size, _device(model))
+    size = max(1, len(modules) if want == "norms" or group_size is None else group_size)
+    groups = [modules[i : i + size] for i in range(0, len(modules), size)]
+    stats: dict[str, Tensor] = {}
+    for number, group in enumerate(groups):
+        accumulators = _accumulators(group, want)
+        tick = _progress_step(progress, number * len(batches), len(groups) * len(batches), number, len(groups))
+        _run_model(model, batches, group, accumulators, tick)
+        stats.update({name: acc.result() for name, acc in accumulators.items()})
+    return stats
+
+
+def collect_sequential(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    layers: Sequence[nn.Module],
+    modules: list[tuple[str, nn.Module]],
+    on_layer: Callable[[int, dict[str, Tensor]], None],
+    *,
+    want: Stat = "hessians",
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> None:
+    """Sequential calibration, block by block, as in the SparseGPT paper.
+
+    The inputs of ``layers[0]`` are captured once; then for each block ``i`` the statistics of
+    its ``modules`` are collected by running that block alone, ``on_layer(i, stats)`` is called
+    (it may prune the block in place), and the block is run again to produce the inputs of block
+    ``i + 1``. Memory: the hidden states of all calibration tokens (``tokens * hidden * 4`` B)
+    plus one block's statistics. Cost: about two dense forward passes.
+
+    Args:
+        layers: the transformer blocks in execution order (see :func:`decoder_layers`).
+        modules: the layers to calibrate; each must sit inside one of ``layers``.
+        on_layer: ``on_layer(block_index, {name: statistic})``, called once per block.
+        Others: as in :func:`collect_input_stats`.
+    """
+    owner = _owners(layers, modules)
+    batches = _batches(tokenizer, texts, max_length, batch_size, _device(model))
+    with _eval_mode(model), torch.no_grad():
+        inputs = _capture_inputs(model, layers[0], batches)
+        for index, layer in enumerate(layers):
+            group = [(name, module) for name, module in modules if owner[name] == index]
+            accumulators = _accumulators(group, want)
+            state: dict = {}
+            with _hooks(group, accumulators, state):
+                for (args, kwargs), (_, attention) in zip(inputs, batches):
+                    state["mask"] = attention
+                    layer(*args, **kwargs)
+            on_layer(index, {name: acc.result() for name, acc in accumulators.items()})
+            inputs = [_next_inputs(layer, args, kwargs) for args, kwargs in inputs]
+            if progress is not None:
+                progress(index + 1, len(layers), f"calibrating block {index + 1}/{len(layers)}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM: its longest ``nn.ModuleList``."""
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"No nn.ModuleList of transformer blocks found in {type(model).__name__}")
+    return max(lists, key=len)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device: torch.device) -> list[Batch]:
+    """Tokenize, drop empty texts, and right-pad into ``(input_ids, attention_mask)`` batches."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    encoded = sorted((ids for ids in encoded if ids), key=len, reverse=True)
+    if not encoded:
+        raise ValueError("The calibration texts are empty: nothing to calibrate on")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = len(chunk[0])
+        ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in chunk], device=device)
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in chunk], device=device)
+        batches.append((ids, mask))
+    return batches
+
+
+def _accumulators(
+    group: list[tuple[str, nn.Module]], want: Stat
+) -> dict[str, InputNormAccumulator | HessianAccumulator]:
+    if want not in ("norms", "hessians"):
+        raise ValueError(f"want must be 'norms' or 'hessians'; got {want!r}")
+    kind = InputNormAccumulator if want == "norms" else HessianAccumulator
+    return {name: kind(in_features(module), device=module.weight.device) for name, module in group}
+
+
+def _run_model(model: nn.Module, batches: list[Batch], group, accumulators, tick: Callable[[int], None]) -> None:
+    """Forward every batch with hooks on ``group``, stopping each pass once all have run."""
+    state: dict = {}
+    with _eval_mode(model), torch.no_grad(), _hooks(group, accumulators, state, stop_when_done=True):
+        for done, (ids, attention) in enumerate(batches, start=1):
+            state["mask"] = attention
+            state["seen"] = set()
+            try:
+                model(input_ids=ids, attention_mask=attention, use_cache=False)
+            except _StopForward:
+                pass
+            tick(done)
+
+
+@contextmanager
+def _hooks(group, accumulators, state: dict, stop_when_done: bool = False) -> Iterator[None]:
+    """Forward pre-hooks feeding each module's input to its accumulator; always removed.
+
+    ``state["mask"]`` is the current batch's attention mask. With ``stop_when_done``, the names
+    seen are gathered in ``state["seen"]`` and the pass stops once every module has run (this
+    assumes each module runs once per forward, as in the transformer blocks of causal LMs).
+    """
+
+    def make_hook(name: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            accumulators[name].add_batch(x, state["mask"])
+            if stop_when_done:
+                state["seen"].add(name)
+                if len(state["seen"]) == len(accumulators):
+                    raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, module in group]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode (no dropout) and restore its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` each batch passes to the first block (the forward stops there)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids, attention in batches:
+            try:
+                model(input_ids=ids, attention_mask=attention, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _next_inputs(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Run one block and put its output hidden states where its input hidden states were."""
+    output = layer(*args, **kwargs)
+    hidden = output[0] if isinstance(output, tuple) else output
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _owners(layers: Sequence[nn.Module], modules: list[tuple[str, nn.Module]]) -> dict[str, int]:
+    """Index of the block holding each module; ``ValueError`` for modules outside all blocks."""
+    index_of = {id(sub): i for i, layer in enumerate(layers) for sub in layer.modules()}
+    outside = [name for name, module in modules if id(module) not in index_of]
+    if outside:
+        raise ValueError(
+            f"Sequential calibration only covers modules inside the transformer blocks; "
+            f"{outside} are outside them (calibrate those with collect_input_stats)"
+        )
+    return {name: index_of[id(module)] for name, module in modules}
+
+
+def _progress_step(progress: Progress | None, offset: int, total: int, group: int, groups: int) -> Callable[[int], None]:
+    """Per-batch progress callback for one pass (a no-op without ``progress``)."""
+    message = "calibrating" if groups == 1 else f"calibrating (pass {group + 1}/{groups})"
+    return (lambda done: progress(offset + done, total, message)) if progress else (lambda done: None)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

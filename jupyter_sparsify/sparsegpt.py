@@ -1,0 +1,135 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with second-order weight compensation.
+
+The layer's calibration inputs enter only through its Hessian ``H ∝ X Xᵀ`` (``X`` = inputs as
+columns, padding removed). :class:`HessianAccumulator` gives ``H = (1/N) Σ x xᵀ`` over the N
+calibration tokens; the paper's ``2 X Xᵀ`` differs by a positive factor, and any positive factor
+gives exactly the same result because the dampening is relative to ``mean(diag H)``.
+
+Simplifications and choices, relative to the paper's reference code:
+
+* The unstructured mask is chosen per output row (the same fraction of every row), not with one
+  threshold over the whole block, so every row ends up with exactly
+  :func:`~jupyter_sparsify.criteria.prune_count` zeros (``sparsity * in`` rounded half up). Each
+  block gets its share of that count by cumulative rounding over the column boundaries.
+* Dead inputs (``H_jj == 0``: never nonzero on the calibration data) keep their weight and get
+  saliency 0, so they are pruned first within their block's quota instead of being zeroed on top
+  of it; no compensation flows through them.
+* The Hessian inverse is computed in float64, the column sweep in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .criteria import check_nm, keep_top, prune_count, token_rows
+
+
+class HessianAccumulator:
+    """Accumulates ``H = (1/N) Σ x xᵀ`` (float32 ``[in, in]``) over the N calibration tokens."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Add inputs ``[..., in]``; positions where ``mask`` is false (padding) are skipped."""
+        rows = token_rows(x, mask).float().to(self.sum_xxt.device)
+        self.sum_xxt.addmm_(rows.T, rows)
+        self.tokens += rows.shape[0]
+
+    def result(self) -> Tensor:
+        """The mean outer product ``(1/N) Σ x xᵀ`` (all zeros when no token was seen)."""
+        return self.sum_xxt / max(self.tokens, 1)
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    *,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> Tensor:
+    """Return a pruned copy of ``weight`` ``[out, in]`` with the other weights compensated.
+
+    Args:
+        weight: the layer weight in ``nn.Linear`` orientation; it is not modified.
+        hessian: ``[in, in]``, any positive multiple of ``Σ x xᵀ`` (see module docstring).
+        sparsity: fraction pruned per row, unstructured; ignored when ``nm`` is given.
+        nm: ``(n, m)`` to keep ``n`` of every ``m`` consecutive inputs (e.g. ``(2, 4)``).
+        blocksize: width of the lazy-update blocks (rounded down to a multiple of ``m``).
+        percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal.
+
+    Returns:
+        A new tensor, same shape, dtype and device as ``weight``.
+    """
+    columns = weight.shape[1]
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"hessian must be [{columns}, {columns}] for this weight; got {list(hessian.shape)}")
+    if nm is not None:
+        check_nm(columns, *nm)
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])
+    pruned_total = prune_count(columns, sparsity) if nm is None else 0
+    if nm is None and pruned_total == 0:
+        return weight.clone()
+    hinv, dead = _inverse_hessian_factor(hessian.to(weight.device), percdamp)
+    w = weight.detach().float().clone()
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        quota = _share(pruned_total, columns, end) - _share(pruned_total, columns, start)
+        errors = _prune_block(w, hinv, dead, start, end, quota, nm)
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return w.to(weight.dtype)
+
+
+def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` (float32) and the dead-input mask."""
+    h = hessian.detach().double().clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    if bool(dead.all()):
+        raise ValueError("The Hessian is all zero: no calibration token reached this layer")
+    damp = percdamp * diag[~dead].mean()
+    diag[dead] = 1.0
+    for _ in range(6):  # raise the dampening if rounding left H not positive definite
+        factor, info = torch.linalg.cholesky_ex(h + damp * torch.eye(len(h), dtype=h.dtype, device=h.device))
+        if int(info) == 0:
+            break
+        damp = damp * 10
+    else:
+        raise ValueError("The Hessian is not positive definite even after dampening")
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    return hinv.float(), dead
+
+
+def _share(total: int, columns: int, boundary: int) -> int:
+    """Pruned weights per row in columns ``[0, boundary)``: cumulative rounding, exact at the end."""
+    return (2 * total * boundary + columns) // (2 * columns)
+
+
+def _prune_block(
+    w: Tensor, hinv: Tensor, dead: Tensor, start: int, end: int, quota: int, nm: tuple[int, int] | None
+) -> Tensor:
+    """Prune columns ``[start, end)`` of ``w`` in place with OBS updates; return the scaled errors."""
+    block, hinv_block, dead = w[:, start:end], hinv[start:end, start:end], dead[start:end]
+    d = hinv_block.diagonal()
+    errors = torch.zeros_like(block)
+    prune = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
+    if nm is None:
+        prune = ~keep_top(_saliency(block, d, dead), block.shape[1] - quota)
+    for i in range(block.shape[1]):
+        if nm is not None and i % nm[1] == 0:
+            group = slice(i, i + nm[1])
+            prune[:, group] = ~keep_top(_saliency(block[:, group], d[group], dead[group]), nm[0])
+        kept = block[:, i].masked_fill(prune[:, i], 0.0)
+        errors[:, i] = (block[:, i] - kept) / d[i]
+        block[:, i:] -= errors[:, i : i + 1] * hinv_block[i : i + 1, i:]
+        block[:, i] = kept
+    return errors
+
+
+def _saliency(block: Tensor, d: Tensor, dead: Tensor) -> Tensor:
+    """OBS saliency ``w² / d²`` (``d``: diagonal of the Cholesky factor); dead inputs cost 0."""
+    return (block.square() / d.square()).masked_fill(dead, 0.0)
