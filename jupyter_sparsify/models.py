@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -124,9 +126,10 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype):
 def _load_hub(name: str, torch_dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local_only = not _hub_reachable()  # offline: use the local hub cache at once instead of retrying for a minute
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local_only)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
@@ -135,6 +138,20 @@ def _load_hub(name: str, torch_dtype: torch.dtype):
             "a local transformers directory, or a .gguf file path."
         ) from None
     return model, tokenizer
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host answers a TCP connection (False when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def _embedded_cache() -> Path:
