@@ -128,3 +128,18 @@ def test_help_explains_every_subcommand(shell, capsys):
     assert "--amount" in capsys.readouterr().out
     doc = shell.find_line_magic("sparsify").__doc__
     assert "%sparsify compare MODEL --amounts" in doc
+
+
+def test_sensitivity_ranks_layers_and_leaves_the_model_as_it_was(shell, tiny):
+    magic(shell, "prune tiny --amount 0.3 --mode csr")
+    before = state_checksum(tiny)
+    table = magic(shell, "sensitivity tiny --amount 0.9")
+    assert len(table) == 14 and table["top1_drop"].is_monotonic_decreasing
+    assert table["top1_drop"].iloc[0] > 0
+    assert state_checksum(tiny) == before
+
+
+def test_panel_opens_from_the_magic(shell, tiny, capsys):
+    magic(shell, "panel tiny")
+    shown = capsys.readouterr().out  # a terminal shell shows the text fallback of the widget and snapshot
+    assert "jupyter_sparsify panel: 1 measurements" in shown
