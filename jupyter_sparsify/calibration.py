@@ -91,8 +91,8 @@ def collect_input_stats(
     for number, group in enumerate(groups):
         accumulators = _accumulators(group, want)
         tick = _progress_step(progress, number * len(batches), len(groups) * len(batches), number, len(groups))
-        _run_model(model, batches, group, accumulators, tick)
-        stats.update({name: acc.result() for name, acc in accumulators.items()})
+        same_input = _run_model(model, batches, group, accumulators, tick)
+        stats.update({name: accumulators[same_input.get(name, name)].result() for name in accumulators})
     return stats
 
 
@@ -179,18 +179,26 @@ def _accumulators(
     return {name: kind(in_features(module), device=module.weight.device) for name, module in group}
 
 
-def _run_model(model: nn.Module, batches: list[Batch], group, accumulators, tick: Callable[[int], None]) -> None:
-    """Forward every batch with hooks on ``group``, stopping each pass once all have run."""
-    state: dict = {}
+def _run_model(
+    model: nn.Module, batches: list[Batch], group, accumulators, tick: Callable[[int], None]
+) -> dict[str, str]:
+    """Forward every batch with hooks on ``group``, stopping each pass once all have run.
+
+    Returns ``{name: other}`` for modules that were fed the very same input tensor as an
+    earlier one (e.g. q/k/v projections): their statistic is the other's, computed once.
+    """
+    state: dict = {"same_input": {}}
     with _eval_mode(model), torch.no_grad(), _hooks(group, accumulators, state, stop_when_done=True):
         for done, (ids, attention) in enumerate(batches, start=1):
             state["mask"] = attention
             state["seen"] = set()
+            state["previous"] = None
             try:
                 model(input_ids=ids, attention_mask=attention, use_cache=False)
             except _StopForward:
                 pass
             tick(done)
+    return state["same_input"]
 
 
 @contextmanager
@@ -205,7 +213,12 @@ def _hooks(group, accumulators, state: dict, stop_when_done: bool = False) -> It
     def make_hook(name: str):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            accumulators[name].add_batch(x, state["mask"])
+            previous = state.get("previous")
+            if "same_input" in state and previous is not None and previous[0] is x:
+                state["same_input"][name] = previous[1]  # fed the same tensor as the module before: counted once
+            else:
+                accumulators[name].add_batch(x, state["mask"])
+                state["previous"] = (x, name)
             if stop_when_done:
                 state["seen"].add(name)
                 if len(state["seen"]) == len(accumulators):

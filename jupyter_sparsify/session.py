@@ -390,8 +390,11 @@ class Session:
         cache = self._calibration.setdefault(want, {})
         missing = [layer for layer in layers if layer.name not in cache]
         if missing:
-            widest = max(in_features(layer.module) for layer in missing)
-            group_size = max(1, HESSIAN_BUDGET_BYTES // (4 * widest * widest)) if want == "hessians" else None
+            group_size = None
+            if want == "hessians":  # as many passes as the budget needs, each holding its group's [in, in] sums
+                total = sum(4 * in_features(layer.module) ** 2 for layer in missing)
+                passes = -(-total // HESSIAN_BUDGET_BYTES)
+                group_size = -(-len(missing) // passes)
             with self.dense_view():
                 cache.update(collect_input_stats(
                     self.model, self.tokenizer, self.calibration_texts,
