@@ -111,7 +111,9 @@ class VariantCharts:
 
     def _curve_figure(self, title: str, ys: str, point_column: str, y_label: str):
         chart = figure(title=title, height=HEIGHT, width=WIDTH, toolbar_location=None, x_range=Range1d(-0.02, 1.0))
-        chart.multi_line(xs="xs", ys=ys, line_color="color", line_width=2, source=self.curves)
+        chart.multi_line(xs="xs", ys=ys, line_color="color", line_width=2, legend_field="label", source=self.curves)
+        chart.legend.location = "bottom_left" if point_column == "top1" else "top_left"
+        chart.legend.background_fill_alpha = 0.6
         chart.scatter(x="x", y=point_column, color="color", size=7, source=self.points)
         chart.add_tools(HoverTool(tooltips=[("setup", "@setup"), ("sparsity", "@x{0%}"), (y_label, f"@{point_column}{{0.000}}")]))
         chart.xaxis.axis_label = "sparsity of the prunable weights"
@@ -165,13 +167,14 @@ def _curves(history: pd.DataFrame) -> dict[str, list]:
     if history.empty:
         return data
     dense = history[history["mode"] == "dense"].tail(1)
-    for (mode, criterion), group in history[history["mode"] != "dense"].groupby(["mode", "criterion"], sort=False):
+    pruned = history[history["mode"] != "dense"].fillna({"pattern": ""})
+    for (mode, criterion, pattern), group in pruned.groupby(["mode", "criterion", "pattern"], sort=False):
         group = pd.concat([dense, group]).sort_values("sparsity_prunable")
         data["xs"].append(group["sparsity_prunable"].tolist())
         data["ys_top1"].append(group["top1_match"].tolist())
         data["ys_size"].append(group["size_mb"].tolist())
-        data["color"].append(MODE_COLORS.get(mode, "#7f7f7f"))
-        data["label"].append(f"{mode} {criterion}")
+        data["color"].append(Category10_10[len(data["label"]) % 10])
+        data["label"].append(" ".join(part for part in (mode, criterion, pattern) if part))
     return data
 
 

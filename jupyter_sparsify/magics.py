@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
     history.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
     history.add_argument("--html", default=None, metavar="PATH", help="also write a standalone HTML report (charts + table)")
+    history.add_argument("--chart", action="store_true", help="also show the charts (bars per setup, curves over sparsity)")
 
     panel = commands.add_parser("panel", help="open the interactive panel with live charts")
     panel.add_argument("model", help="variable name of the model")
@@ -127,7 +128,7 @@ class SparsifyMagics(Magics):
             %sparsify layers MODEL
             %sparsify compare MODEL --amounts 0 0.3 0.5 0.7 [--modes masked csr] [--latency]
             %sparsify reset MODEL
-            %sparsify history [MODEL] [--csv PATH] [--html PATH]
+            %sparsify history [MODEL] [--csv PATH] [--html PATH] [--chart]
             %sparsify panel MODEL [TOKENIZER]
             %sparsify sensitivity MODEL [--amount 0.5] [--criterion magnitude]
             %%sparsify corpus        (cell body: evaluation texts, one per line)
@@ -187,8 +188,6 @@ class SparsifyMagics(Magics):
     def _compare(self, args):
         from tqdm.auto import tqdm
 
-        from .charts import VariantCharts
-
         session = self._session(args)
         plan = [(amount, mode) for amount in args.amounts for mode in args.modes if amount > 0]
         rows = []
@@ -202,9 +201,7 @@ class SparsifyMagics(Magics):
         finally:
             session.reset()
         table = pd.DataFrame(rows)
-        charts = VariantCharts()
-        charts.update(table)
-        _show(charts.layout())
+        _show_variants(table)
         return table
 
     def _reset(self, args):
@@ -220,6 +217,8 @@ class SparsifyMagics(Magics):
             print(f"Wrote {session.to_csv(args.csv)}")
         if args.html:
             print(f"Wrote {write_report(args.html, session.history, session.layer_table())}")
+        if args.chart:
+            _show_variants(session.history)
         return session.history
 
     def _panel(self, args):
@@ -278,6 +277,14 @@ def _show(obj) -> None:
     from bokeh.io import show
 
     show(obj)
+
+
+def _show_variants(history: pd.DataFrame) -> None:
+    from .charts import VariantCharts
+
+    charts = VariantCharts()
+    charts.update(history)
+    _show(charts.layout())
 
 
 def register(ipython) -> None:
