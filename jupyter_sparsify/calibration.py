@@ -130,12 +130,13 @@ def collect_sequential(
         for index, layer in enumerate(layers):
             group = [(name, module) for name, module in modules if owner[name] == index]
             accumulators = _accumulators(group, want)
-            state: dict = {}
+            state: dict = {"same_input": {}}
             with _hooks(group, accumulators, state):
                 for (args, kwargs), (_, attention) in zip(inputs, batches):
-                    state["mask"] = attention
+                    state["mask"], state["previous"] = attention, None
                     layer(*args, **kwargs)
-            on_layer(index, {name: acc.result() for name, acc in accumulators.items()})
+            same_input = state["same_input"]
+            on_layer(index, {name: accumulators[same_input.get(name, name)].result() for name in accumulators})
             inputs = [_next_inputs(layer, args, kwargs) for args, kwargs in inputs]
             if progress is not None:
                 progress(index + 1, len(layers), f"calibrating block {index + 1}/{len(layers)}")
@@ -294,3 +295,30 @@ def _progress_step(progress: Progress | None, offset: int, total: int, group: in
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+class Calibrator:
+    """Calibration of one model on one set of texts, as the criteria use it.
+
+    ``norms`` (one-shot, from the dense model) are cached, since Wanda's global scope needs them
+    for all layers at once; ``sequential`` runs the papers' block-by-block pass each time, as it
+    depends on what earlier blocks were pruned to.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, texts: list[str]) -> None:
+        self.model, self.tokenizer, self.texts = model, tokenizer, texts
+        self._norms: dict[str, Tensor] = {}
+
+    def norms(self, modules: list[tuple[str, nn.Module]], progress: Progress | None = None) -> dict[str, Tensor]:
+        """Wanda's input norms of ``modules`` on the dense model (the caller makes the model dense)."""
+        missing = [(name, module) for name, module in modules if name not in self._norms]
+        if missing:
+            self._norms.update(collect_input_stats(self.model, self.tokenizer, self.texts, missing, want="norms",
+                                                   progress=progress))
+        return {name: self._norms[name] for name, _ in modules}
+
+    def sequential(self, modules: list[tuple[str, nn.Module]], want: Stat,
+                   on_block: Callable[[int, dict[str, Tensor]], None], progress: Progress | None = None) -> None:
+        """Block by block: statistics of each block's ``modules`` on the already pruned earlier blocks."""
+        collect_sequential(self.model, self.tokenizer, self.texts, decoder_layers(self.model), modules, on_block,
+                           want=want, progress=progress)

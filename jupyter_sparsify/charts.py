@@ -39,12 +39,12 @@ class VariantCharts:
         self.curves = ColumnDataSource({"xs": [], "ys_top1": [], "ys_size": [], "color": [], "label": []})
         self.points = ColumnDataSource({"x": [], "top1": [], "size": [], "color": [], "setup": []})
         self.dense_size = Span(location=0, dimension="width", line_dash="dashed", line_color="#4d4d4d")
-        self.size = self._bar_figure("Model size (MiB, every tensor incl. sparse indices)", "size_mb", "MiB")
+        self.size = self._bar_figure("Model size (MiB, all tensors)", "size_mb", "MiB")
         self.size.add_layout(self.dense_size)
         self.top1 = self._bar_figure("Top-1 agreement with the dense model", "top1_match", "share of tokens")
         self.top1.y_range = Range1d(0, 1.05)
         self.compute = self._paired_figure(
-            "Compute vs dense: theory (nonzeros) and what runs",
+            "Compute vs dense: theory vs executed",
             ("compute_ratio", "theoretical"), ("executed_ratio", "executed"), "ratio to dense",
         )
         self.speed = self._paired_figure(
@@ -68,7 +68,7 @@ class VariantCharts:
         latest = latest_per_setup(history)
         data = _empty_bars()
         if not latest.empty:
-            data = {column: latest[column].fillna(0).tolist() for column in data if column in latest}
+            data = {column: latest[column].tolist() for column in data if column in latest}  # NaN: no bar
             data["setup"] = latest["setup"].tolist()
             data["color"] = [MODE_COLORS.get(mode, "#7f7f7f") for mode in latest["mode"]]
         for chart in (self.size, self.top1, self.compute, self.speed):
@@ -102,7 +102,7 @@ class VariantCharts:
             renderer = chart.vbar(x=dodge("setup", offset, range=chart.x_range), top=column, width=0.38,
                                   color=color, source=self.bars)
             items.append(LegendItem(label=label, renderers=[renderer]))
-        chart.add_layout(Legend(items=items, location="top_right", background_fill_alpha=0.6))
+        chart.add_layout(Legend(items=items, location="top_center", orientation="horizontal", background_fill_alpha=0.6))
         chart.add_tools(HoverTool(tooltips=[("setup", "@setup"), (first[1], f"@{first[0]}{{0.000}}"),
                                             (second[1], f"@{second[0]}{{0.000}}")]))
         chart.yaxis.axis_label = y_label

@@ -51,6 +51,10 @@ class Panel(widgets.VBox):
         self.charts = VariantCharts()
         self.layer_chart = LayerChart()
         self.table = widgets.HTML()
+        self._snapshot = None
+        if session.history.empty:
+            session.measure()  # the dense baseline every chart compares against
+        self.refresh()  # before the BokehModels are built: they carry the charts' data as of now
         tabs = widgets.Tab(children=[BokehModel(self.charts.layout()), BokehModel(self.layer_chart.figure)])
         tabs.set_title(0, "Variants")
         tabs.set_title(1, "Layers")
@@ -65,10 +69,6 @@ class Panel(widgets.VBox):
         self.apply_button.on_click(lambda _: self.apply())
         self.reset_button.on_click(lambda _: self.reset())
         self.export_button.on_click(lambda _: self.export())
-        self._snapshot = None
-        if session.history.empty:
-            session.measure()  # the dense baseline every chart compares against
-        self.refresh()
 
     def show(self) -> None:
         """Display the panel and, beside it, a static snapshot that a saved notebook keeps."""

@@ -22,7 +22,6 @@ from .pruning import parse_pattern, validate_amount, validate_scope
 from .strategies import prune_with_criterion, validate_criterion
 
 MODES = ("dense", "masked", "csr")
-HESSIAN_BUDGET_BYTES = 1 << 30  # SparseGPT's calibration holds at most this much of [in, in] matrices at once
 HISTORY_COLUMNS = (
     "setup", "mode", "criterion", "scope", "pattern", "amount", "size_mb", "sparsity_prunable",
     "sparsity_model", "compute_ratio", "executed_ratio", "top1_match", "perplexity",
@@ -89,7 +88,7 @@ class Session:
         self.settings = DENSE
         self._pruned: list[PrunableLayer] = []
         self._rows: list[dict] = []
-        self._calibration: dict[str, dict[str, torch.Tensor]] = {}
+        self._calibration = None
         self.set_texts(texts)
 
     # -- corpus ---------------------------------------------------------------------------
@@ -114,7 +113,14 @@ class Session:
     def set_calibration_texts(self, texts: Sequence[str]) -> None:
         """Calibrate Wanda / SparseGPT on ``texts`` instead of the shipped corpus."""
         self._calibration_texts = validate_texts(texts)
-        self._calibration.clear()
+        self._calibration = None
+
+    def _calibrator(self):
+        from .calibration import Calibrator
+
+        if self._calibration is None:
+            self._calibration = Calibrator(self.model, self.tokenizer, self.calibration_texts)
+        return self._calibration
 
     # -- pruning --------------------------------------------------------------------------
 
@@ -223,7 +229,7 @@ class Session:
     def _prune(self, settings: PruneSettings, layers: list[PrunableLayer], progress: Progress | None) -> None:
         self._snapshot(layers)
         with tqdm_progress(progress, f"{settings.label}") as report:
-            prune_with_criterion(layers, settings, report, self.calibration_stats)
+            prune_with_criterion(layers, settings, report, self._calibrator())
             if settings.mode == "csr":
                 for index, layer in enumerate(layers):
                     sparse = CSRLinear.from_dense(layer.module, settings.backend)
@@ -380,28 +386,6 @@ class Session:
                                  ("CSR 16-bit (backend fast)", torch.int16))
         ]
         return pd.DataFrame(rows)
-
-    # -- calibration (for the data-aware criteria) --------------------------------------------
-
-    def calibration_stats(self, want: str, layers: list[PrunableLayer], progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        """Input statistics of ``layers`` on the calibration texts, from the dense model, cached."""
-        from .calibration import collect_input_stats, in_features
-
-        cache = self._calibration.setdefault(want, {})
-        missing = [layer for layer in layers if layer.name not in cache]
-        if missing:
-            group_size = None
-            if want == "hessians":  # as many passes as the budget needs, each holding its group's [in, in] sums
-                total = sum(4 * in_features(layer.module) ** 2 for layer in missing)
-                passes = -(-total // HESSIAN_BUDGET_BYTES)
-                group_size = -(-len(missing) // passes)
-            with self.dense_view():
-                cache.update(collect_input_stats(
-                    self.model, self.tokenizer, self.calibration_texts,
-                    [(layer.name, layer.module) for layer in missing], want=want, group_size=group_size,
-                    progress=progress,
-                ))
-        return {layer.name: cache[layer.name] for layer in layers}
 
 
 _SESSIONS: dict[int, Session] = {}

@@ -1,11 +1,18 @@
-"""Criteria applied to a model's layers: magnitude, Wanda and SparseGPT, with their calibration."""
+"""Criteria applied to a model's layers: magnitude, Wanda and SparseGPT, with their calibration.
+
+Wanda and SparseGPT run as in their papers, block by block: the statistics of block i are taken
+on the outputs of blocks < i *after* those were pruned, so later layers see (and, for SparseGPT,
+compensate) the errors of earlier ones. Wanda with the global scope compares all layers at once,
+so it takes its input norms from the dense model in one pass instead.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from .calibration import Calibrator
 from .criteria import magnitude_scores, wanda_scores
 from .layers import PrunableLayer, weight_matrix
 from .progress import Progress
@@ -13,7 +20,6 @@ from .pruning import prune_in_place
 from .sparsegpt import sparsegpt_prune
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
-StatsFor = Callable[[str, list[PrunableLayer], Progress | None], dict[str, torch.Tensor]]
 
 
 def validate_criterion(criterion: str, scope: str, pattern: tuple[int, int] | None) -> str:
@@ -32,26 +38,39 @@ def prune_with_criterion(
     layers: Sequence[PrunableLayer],
     settings,
     report: Progress,
-    stats_for: StatsFor,
+    calibrator: Calibrator,
 ) -> None:
-    """Prune ``layers`` in place as ``settings`` (a ``PruneSettings``) says."""
-    if settings.criterion == "sparsegpt":
-        hessians = stats_for("hessians", list(layers), report)
-        for index, layer in enumerate(layers):
-            weight = weight_matrix(layer.module)
-            pruned = sparsegpt_prune(weight.detach(), hessians[layer.name], settings.amount, nm=settings.pattern)
-            with torch.no_grad():
-                weight.copy_(pruned)
-            report(index + 1, len(layers), f"SparseGPT {layer.name}")
-        return
-    if settings.criterion == "wanda":
-        norms = stats_for("norms", list(layers), report)
-
-        def score_of(layer: PrunableLayer) -> torch.Tensor:
-            return wanda_scores(weight_matrix(layer.module), norms[layer.name])
+    """Prune ``layers`` of the (dense) model in place as ``settings`` (a ``PruneSettings``) says."""
+    prune = _pruner(settings)
+    if settings.criterion == "magnitude":
+        prune_in_place(layers, lambda layer: magnitude_scores(weight_matrix(layer.module)), amount=settings.amount,
+                       scope=settings.scope, pattern=settings.pattern, progress=report)
+    elif settings.criterion == "wanda" and settings.scope == "global" and settings.pattern is None:
+        norms = calibrator.norms([(layer.name, layer.module) for layer in layers], report)
+        prune_in_place(layers, lambda layer: wanda_scores(weight_matrix(layer.module), norms[layer.name]),
+                       amount=settings.amount, scope="global", progress=report)
     else:
+        by_name = {layer.name: layer for layer in layers}
 
-        def score_of(layer: PrunableLayer) -> torch.Tensor:
-            return magnitude_scores(weight_matrix(layer.module))
+        def on_block(index: int, stats: dict[str, torch.Tensor]) -> None:
+            for name, statistic in stats.items():
+                prune(by_name[name], statistic)
 
-    prune_in_place(layers, score_of, amount=settings.amount, scope=settings.scope, pattern=settings.pattern, progress=report)
+        want = "norms" if settings.criterion == "wanda" else "hessians"
+        calibrator.sequential([(layer.name, layer.module) for layer in layers], want, on_block, report)
+
+
+def _pruner(settings):
+    """How one layer is pruned from its calibration statistic."""
+
+    def wanda(layer: PrunableLayer, norm: torch.Tensor) -> None:
+        prune_in_place([layer], lambda _: wanda_scores(weight_matrix(layer.module), norm), amount=settings.amount,
+                       scope=settings.scope, pattern=settings.pattern)
+
+    def sparsegpt(layer: PrunableLayer, hessian: torch.Tensor) -> None:
+        weight = weight_matrix(layer.module)
+        pruned = sparsegpt_prune(weight.detach(), hessian, settings.amount, nm=settings.pattern)
+        with torch.no_grad():
+            weight.copy_(pruned)
+
+    return {"wanda": wanda, "sparsegpt": sparsegpt}.get(settings.criterion)
