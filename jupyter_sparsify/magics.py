@@ -85,10 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     panel.add_argument("model", help="variable name of the model")
     panel.add_argument("tokenizer_name", nargs="?", default=None, metavar="TOKENIZER")
 
-    sensitivity = commands.add_parser("sensitivity", help="top-1 drop when each layer alone is pruned")
+    sensitivity = commands.add_parser("sensitivity", help="top-1 drop when each layer alone is magnitude-pruned")
     _model_arguments(sensitivity)
     sensitivity.add_argument("--amount", type=float, default=0.5)
-    sensitivity.add_argument("--criterion", default="magnitude")
 
     commands.add_parser("corpus", help="%%%%sparsify corpus: the cell's lines become the evaluation texts")
     return parser
@@ -130,7 +129,7 @@ class SparsifyMagics(Magics):
             %sparsify reset MODEL
             %sparsify history [MODEL] [--csv PATH] [--html PATH] [--chart]
             %sparsify panel MODEL [TOKENIZER]
-            %sparsify sensitivity MODEL [--amount 0.5] [--criterion magnitude]
+            %sparsify sensitivity MODEL [--amount 0.5]
             %%sparsify corpus        (cell body: evaluation texts, one per line)
         """
         try:
@@ -230,7 +229,7 @@ class SparsifyMagics(Magics):
     def _sensitivity(self, args):
         from .charts import sensitivity_figure
 
-        table = self._session(args).sensitivity(args.amount, criterion=args.criterion)
+        table = self._session(args).sensitivity(args.amount)
         _show(sensitivity_figure(table))
         return table
 

@@ -316,19 +316,20 @@ class Session:
             metrics.perplexity(result.nll_sum, result.target_count),
         )
 
-    def sensitivity(self, amount: float = 0.5, criterion: str = "magnitude", progress: Progress | None = None) -> pd.DataFrame:
-        """Top-1 drop when each prunable layer alone is pruned by ``amount`` (the model is left as it was).
+    def sensitivity(self, amount: float = 0.5, progress: Progress | None = None) -> pd.DataFrame:
+        """Top-1 drop when each prunable layer alone is magnitude-pruned by ``amount`` (the model is left as it was).
 
         Returns one row per layer: name, block, role, top1_match, top1_drop, perplexity,
-        sorted from the most to the least sensitive layer.
+        sorted from the most to the least sensitive layer. Exclude the top ones with
+        ``apply(..., exclude=[...])`` to spare them.
         """
-        self._validate(amount, "masked", criterion, "layer", None, None, None, None)
+        self._validate(amount, "masked", "magnitude", "layer", None, None, None, None)
         previous = self.settings
         rows = []
         try:
             with tqdm_progress(progress, "sensitivity") as report:
                 for index, layer in enumerate(self.default_layers):
-                    self.apply(amount, mode="masked", criterion=criterion, scope="layer", include=[layer.name],
+                    self.apply(amount, mode="masked", scope="layer", include=[layer.name],
                                progress=silent)
                     top1, ppl = self._agreement()
                     rows.append({"name": layer.name, "block": layer.block, "role": layer.role,
