@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only these layers (names, globs)")
     prune.add_argument("--exclude", nargs="+", default=None, metavar="GLOB", help="leave these layers dense")
     prune.add_argument("--backend", choices=["fast", "torch"], default=None, help="CSR kernels (default: fastest)")
-    prune.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+    _latency_arguments(prune)
 
     stats = commands.add_parser("stats", help="measure MODEL as it is now: one row")
     _model_arguments(stats)
-    stats.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+    _latency_arguments(stats)
 
     layers = commands.add_parser("layers", help="per-layer table and sparsity chart")
     _model_arguments(layers)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--amounts", type=float, nargs="+", default=[0.0, 0.3], metavar="A")
     compare.add_argument("--modes", nargs="+", choices=["masked", "csr"], default=["masked", "csr"])
     _method_arguments(compare)
-    compare.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+    _latency_arguments(compare)
 
     reset = commands.add_parser("reset", help="back to the dense original, bit-exact")
     _model_arguments(reset)
@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="variable name of the model")
     parser.add_argument("--tokenizer", default=None, metavar="NAME", help="variable name of its tokenizer")
+
+
+def _latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported) after a warm-up")
 
 
 def _method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,10 +175,10 @@ class SparsifyMagics(Magics):
         session = self._session(args)
         session.apply(args.amount, mode=args.mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
                       include=args.include, exclude=args.exclude, backend=args.backend)
-        return pd.DataFrame([session.measure(latency=args.latency)])
+        return pd.DataFrame([session.measure(latency=args.latency, repeats=args.repeats)])
 
     def _stats(self, args):
-        return pd.DataFrame([self._session(args).measure(latency=args.latency)])
+        return pd.DataFrame([self._session(args).measure(latency=args.latency, repeats=args.repeats)])
 
     def _layers(self, args):
         from .charts import LayerChart
@@ -192,11 +197,11 @@ class SparsifyMagics(Magics):
         rows = []
         try:
             session.reset()
-            rows.append(session.measure(latency=args.latency))
+            rows.append(session.measure(latency=args.latency, repeats=args.repeats))
             for amount, mode in tqdm(plan, desc="compare"):
                 session.apply(amount, mode=mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
                               progress=silent)
-                rows.append(session.measure(latency=args.latency))
+                rows.append(session.measure(latency=args.latency, repeats=args.repeats))
         finally:
             session.reset()
         table = pd.DataFrame(rows)

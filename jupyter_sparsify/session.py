@@ -276,6 +276,8 @@ class Session:
             latency: also time prefill and decode, against dense in the same run.
             repeats: timed repetitions (median reported) after one warm-up.
         """
+        if latency and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
+            raise ValueError(f"repeats must be a whole number >= 1; got {repeats!r}")
         top1, ppl = self._agreement()
         weights = metrics.count_weights(getattr(layer.parent, layer.attr) for layer in (self._pruned or self.default_layers))
         compute = metrics.linear_compute(self.model)
