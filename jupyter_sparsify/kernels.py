@@ -1,0 +1,167 @@
+"""Sparse CPU kernels for pruned linear layers: CSR with compact column indices.
+
+The kernel is a C++ torch extension compiled on first use (``torch.utils.cpp_extension``,
+needs a C++ compiler and ``ninja``) and cached under ``$JUPYTER_SPARSIFY_CACHE/kernels``
+(default ``~/.cache/jupyter_sparsify/kernels``). It runs on torch's own thread pool, so it
+does not compete with the model's dense ops for cores. When it cannot be built,
+:func:`is_available` returns False and callers fall back to torch's CSR matmul.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .models import cache_dir
+
+_SOURCE = Path(__file__).parent / "kernels_src" / "sparse_linear.cpp"
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def index_dtype_for(in_features: int) -> torch.dtype:
+    """Compact column-index dtype: int16 (holding uint16 bits) up to 65536 columns, else int32."""
+    return torch.int16 if in_features <= 65536 else torch.int32
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _isa_cflags() -> list[str]:
+    """Vector ISA flags this CPU supports (AVX-512 or AVX2), decided at compile time."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def _openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (torch's, once torch is imported)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    paths = {line.split()[-1] for line in lines if "/lib" in line}
+    return sorted(p for p in paths if Path(p).name.startswith(("libgomp", "libiomp5", "libomp")))
+
+
+def _openmp_ldflags() -> list[str]:
+    """Link against the OpenMP runtime torch already loaded, so no second thread pool appears."""
+    runtimes = _openmp_runtimes()
+    if len(runtimes) == 1:
+        return [runtimes[0], f"-Wl,-rpath,{Path(runtimes[0]).parent}"]
+    return ["-fopenmp"]
+
+
+def ensure_compiled(verbose: bool = False) -> None:
+    """Compile the kernel (or load it from the disk cache); raise RuntimeError on failure."""
+    global _module, _error
+    if _module is not None:
+        return
+    if _error is not None:
+        raise RuntimeError(_error)
+    from torch.utils import cpp_extension
+
+    source = _SOURCE.read_text()
+    cflags = ["-O3", "-fopenmp", *_isa_cflags()]
+    ldflags = _openmp_ldflags()
+    key = "\0".join([source, *cflags, *ldflags, torch.__version__, sys.version])
+    name = "jupyter_sparsify_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    build_dir = cache_dir() / "kernels" / name
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _module = cpp_extension.load_inline(
+            name=name,
+            cpp_sources=[source],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    except Exception as exc:  # compiler, ninja or linker missing or failing
+        _error = (
+            f"jupyter_sparsify: could not build the sparse CPU kernel in {build_dir} "
+            f"({type(exc).__name__}: {exc}). It needs a C++ compiler (g++/clang++) and the "
+            "'ninja' package; torch's CSR matmul is used instead."
+        )
+        raise RuntimeError(_error) from exc
+
+
+def is_available() -> bool:
+    """True when the compiled kernel can be loaded (compiles on first call, cached on disk)."""
+    try:
+        ensure_compiled()
+    except RuntimeError:
+        return False
+    return True
+
+
+def compress(
+    weight: torch.Tensor, index_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense ``[out, in]`` weight -> CSR ``(values, col_indices, row_ptr)`` without zeros.
+
+    Values keep the weight's dtype; col_indices use ``index_dtype`` (default
+    :func:`index_dtype_for`), int16 storing uint16 bit patterns; row_ptr is int32 when the
+    nonzero count fits, else int64.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"compress expects a 2-D weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    index_dtype = index_dtype or index_dtype_for(in_features)
+    if index_dtype not in (torch.int16, torch.int32):
+        raise ValueError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+    if index_dtype == torch.int16 and in_features > 65536:
+        raise ValueError(f"int16 column indices hold at most 65536 columns, got {in_features}")
+    weight = weight.detach()
+    mask = weight != 0
+    counts = mask.sum(dim=1)
+    nnz = int(counts.sum())
+    ptr_dtype = torch.int32 if nnz < 2**31 else torch.int64
+    row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=weight.device)
+    torch.cumsum(counts, dim=0, out=row_ptr[1:])
+    # Row blocks bound nonzero()'s int64 temporaries; int32 -> int16 keeps the low 16 bits,
+    # so columns above 32767 become their uint16 bit patterns.
+    step = max(1, 2**24 // max(1, in_features))
+    col_indices = torch.cat(
+        [mask[r : r + step].nonzero()[:, 1].to(torch.int32).to(index_dtype) for r in range(0, out_features, step)]
+        or [torch.zeros(0, dtype=index_dtype, device=weight.device)]
+    )
+    return weight[mask].contiguous(), col_indices, row_ptr.to(ptr_dtype)
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    row_ptr: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the CSR weight from :func:`compress`; x is ``[..., in]`` on CPU.
+
+    Returns ``[..., out]`` in x's dtype, accumulating in fp32. One token runs rows in
+    parallel with vector gathers; several tokens are tiled so each nonzero is loaded once
+    per tile of tokens.
+    """
+    if _module is None:
+        ensure_compiled()
+    return _module.sparse_linear(x, values, col_indices, row_ptr, bias, out_features, in_features)

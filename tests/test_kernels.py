@@ -1,0 +1,199 @@
+"""Correctness of the sparse CPU kernel against dense ``F.linear`` (no timing here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils import cpp_extension
+
+from jupyter_sparsify import kernels
+
+needs_kernel = pytest.mark.skipif(not kernels.is_available(), reason="sparse kernel cannot be compiled here")
+
+# Relative error bound (of max |ref|) per output dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def random_weight(out_f: int, in_f: int, sparsity: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_f, in_f, generator=gen)
+    return (weight * (torch.rand(out_f, in_f, generator=gen) >= sparsity)).to(dtype)
+
+
+def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Run the kernel on compress(weight) and compare with F.linear in fp32."""
+    out_f, in_f = weight.shape
+    y = kernels.sparse_linear(x, *kernels.compress(weight), bias, out_f, in_f)
+    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    assert y.dtype == x.dtype
+    assert y.shape == (*x.shape[:-1], out_f)
+    err = (y.float() - ref).abs().max().item() if ref.numel() else 0.0
+    bound = TOLERANCE[x.dtype] * (ref.abs().max().item() + 1.0) if ref.numel() else 0.0
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+    return y
+
+
+def test_index_dtype_for() -> None:
+    assert kernels.index_dtype_for(7) == torch.int16
+    assert kernels.index_dtype_for(65536) == torch.int16
+    assert kernels.index_dtype_for(65537) == torch.int32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compress_layout(dtype: torch.dtype) -> None:
+    weight = torch.tensor([[0.0, 1.5, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 4.0]], dtype=dtype)
+    values, cols, row_ptr = kernels.compress(weight)
+    assert values.dtype == dtype and cols.dtype == torch.int16 and row_ptr.dtype == torch.int32
+    assert values.tolist() == [1.5, -2.0, 3.0, 4.0]
+    assert cols.tolist() == [1, 3, 0, 3]
+    assert row_ptr.tolist() == [0, 2, 2, 4]
+    assert kernels.compress(weight, torch.int32)[1].dtype == torch.int32
+
+
+def test_compress_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        kernels.compress(torch.ones(3))
+    with pytest.raises(ValueError):
+        kernels.compress(torch.ones(2, 3), torch.int64)
+    with pytest.raises(ValueError):
+        kernels.compress(torch.ones(1, 65537), torch.int16)
+
+
+def test_compress_uint16_columns_above_32767() -> None:
+    weight = torch.zeros(3, 40000)
+    weight[0, [5, 32767, 32768, 39999]] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    weight[2, 65535 % 40000] = 5.0
+    values, cols, _ = kernels.compress(weight)
+    assert cols.dtype == torch.int16
+    assert (cols.to(torch.int32) & 0xFFFF).tolist() == [5, 32767, 32768, 39999, 25535]
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f", [40000, 65536, 70000])
+def test_wide_inputs(in_f: int) -> None:
+    weight = torch.zeros(4, in_f)
+    cols = torch.tensor([0, 100, 32767, 32768, 50000 % in_f, in_f - 1])
+    weight[:, cols] = torch.randn(4, len(cols))
+    assert kernels.compress(weight)[1].dtype == kernels.index_dtype_for(in_f)
+    for tokens in (1, 3, 20):
+        check(torch.randn(tokens, in_f), weight, torch.randn(4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 13), (576, 576), (1536, 576)])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 20, 128])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
+def test_matches_dense(dtype: torch.dtype, shape: tuple[int, int], tokens: int, sparsity: float) -> None:
+    weight = random_weight(*shape, sparsity, dtype)
+    x = torch.randn(tokens, shape[1]).to(dtype)
+    check(x, weight, None)
+    check(x, weight, torch.randn(shape[0]).to(dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 16, 70])
+def test_all_zero_rows_and_matrix(tokens: int) -> None:
+    weight = random_weight(64, 96, 0.3, torch.float32)
+    weight[[0, 5, 63]] = 0.0
+    bias = torch.randn(64)
+    y = check(torch.randn(tokens, 96), weight, bias)
+    assert torch.equal(y[:, 5], bias[5].expand(tokens))
+    y = check(torch.randn(tokens, 96), torch.zeros(64, 96), bias)
+    assert torch.equal(y, bias.expand(tokens, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_non_contiguous_and_3d_inputs(tokens: int) -> None:
+    weight = random_weight(48, 80, 0.5, torch.float32)
+    bias = torch.randn(48)
+    check(torch.randn(80, tokens).t(), weight, bias)  # transposed
+    check(torch.randn(tokens, 160)[:, ::2], weight, bias)  # strided columns
+    check(torch.randn(2, tokens, 80), weight, bias)  # 3-D
+    check(torch.randn(3, 80, tokens).transpose(1, 2), weight, None)  # 3-D, non-contiguous
+    check(torch.randn(0, 80), weight, bias)  # no tokens
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype",
+    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+     (torch.float16, torch.bfloat16)],
+)
+def test_mixed_dtypes(tokens: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
+    weight = random_weight(40, 72, 0.5, w_dtype)
+    check(torch.randn(tokens, 72).to(x_dtype), weight, torch.randn(40))  # fp32 bias with any x
+
+
+@needs_kernel
+def test_int64_row_ptr_and_int32_columns() -> None:
+    weight = random_weight(33, 50, 0.6, torch.float32)
+    values, cols, row_ptr = kernels.compress(weight, torch.int32)
+    x = torch.randn(9, 50)
+    y = kernels.sparse_linear(x, values, cols, row_ptr.long(), None, 33, 50)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_rejects_wrong_shapes() -> None:
+    values, cols, row_ptr = kernels.compress(random_weight(8, 16, 0.5, torch.float32))
+    with pytest.raises(RuntimeError):
+        kernels.sparse_linear(torch.randn(2, 15), values, cols, row_ptr, None, 8, 16)
+    with pytest.raises(RuntimeError):
+        kernels.sparse_linear(torch.randn(2, 16), values, cols, row_ptr, None, 9, 16)
+    with pytest.raises(RuntimeError):
+        kernels.sparse_linear(torch.randn(2, 16), values, cols, row_ptr, torch.randn(3), 8, 16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_fallback_instruction_sets(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX2 and plain C++ code paths (for CPUs without AVX-512) agree with dense too."""
+    flags = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}[isa]
+    monkeypatch.setattr(kernels, "_isa_cflags", lambda: flags)
+    monkeypatch.setattr(kernels, "_module", None)
+    kernels.ensure_compiled()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((7, 13), (100, 300)):
+            weight = random_weight(*shape, 0.5, dtype)
+            for tokens in (1, 3, 40):
+                check(torch.randn(tokens, shape[1]).to(dtype), weight, torch.randn(shape[0]))
+
+
+def test_unavailable_when_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(**_: object) -> None:
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setattr(cpp_extension, "load_inline", fail)
+    assert not kernels.is_available()
+    with pytest.raises(RuntimeError, match="could not build the sparse CPU kernel"):
+        kernels.ensure_compiled()
+
+
+@needs_kernel
+def test_another_process_reuses_the_disk_cache_and_torch_openmp() -> None:
+    """A fresh process loads the cached library without rebuilding it, and the kernel adds
+    no second OpenMP runtime next to torch's."""
+    kernels.ensure_compiled()
+    library = Path(kernels._module.__file__)
+    assert library.parent.parent == kernels.cache_dir() / "kernels"
+    mtime = library.stat().st_mtime_ns
+    code = (
+        "import torch; from jupyter_sparsify import kernels; before = kernels._openmp_runtimes(); "
+        "kernels.ensure_compiled(); print(kernels._module.__file__); print(before == kernels._openmp_runtimes())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    path, same_runtimes = result.stdout.split()
+    assert os.path.samefile(path, library)
+    assert library.stat().st_mtime_ns == mtime
+    assert same_runtimes == "True"
