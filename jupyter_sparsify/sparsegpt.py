@@ -19,6 +19,9 @@ Simplifications and choices, relative to the paper's reference code:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -75,13 +78,24 @@ def sparsegpt_prune(
     if nm is None and pruned_total == 0:
         return weight.clone()
     hinv, dead = _inverse_hessian_factor(hessian.to(weight.device), percdamp)
-    w = weight.detach().float().clone()
+    w = weight.detach().float().t().contiguous().t()  # column-major: each input column is contiguous
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         quota = _share(pruned_total, columns, end) - _share(pruned_total, columns, start)
-        errors = _prune_block(w, hinv, dead, start, end, quota, nm)
+        with _single_thread():  # the column sweep is many tiny ops: thread start-up would dominate
+            errors = _prune_block(w, hinv, dead, start, end, quota, nm)
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return w.to(weight.dtype)
+    return w.contiguous().to(weight.dtype)
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor]:
@@ -100,7 +114,8 @@ def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, T
         damp = damp * 10
     else:
         raise ValueError("The Hessian is not positive definite even after dampening")
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    inverse_factor = torch.linalg.solve_triangular(factor, torch.eye(len(h), dtype=h.dtype, device=h.device), upper=False)
+    hinv = torch.linalg.cholesky(inverse_factor.T @ inverse_factor, upper=True)  # cholesky_inverse is ~15x slower on CPU
     return hinv.float(), dead
 
 
@@ -115,7 +130,7 @@ def _prune_block(
     """Prune columns ``[start, end)`` of ``w`` in place with OBS updates; return the scaled errors."""
     block, hinv_block, dead = w[:, start:end], hinv[start:end, start:end], dead[start:end]
     d = hinv_block.diagonal()
-    errors = torch.zeros_like(block)
+    errors = torch.zeros_like(block)  # column-major like ``block``
     prune = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
     if nm is None:
         prune = ~keep_top(_saliency(block, d, dead), block.shape[1] - quota)
