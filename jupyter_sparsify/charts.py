@@ -68,7 +68,7 @@ class VariantCharts:
         latest = latest_per_setup(history)
         data = _empty_bars()
         if not latest.empty:
-            data = {column: latest[column].tolist() for column in data if column in latest}  # NaN: no bar
+            data = {name: latest[name].tolist() for name in data if name in latest}  # NaN: no bar
             data["setup"] = latest["setup"].tolist()
             data["color"] = [MODE_COLORS.get(mode, "#7f7f7f") for mode in latest["mode"]]
         for chart in (self.size, self.top1, self.compute, self.speed):
@@ -98,8 +98,8 @@ class VariantCharts:
 
         chart = figure(title=title, x_range=FactorRange(), height=HEIGHT, width=WIDTH, toolbar_location=None)
         items = []
-        for offset, (column, label), color in ((-0.2, first, "#9ecae1"), (0.2, second, "#08519c")):
-            renderer = chart.vbar(x=dodge("setup", offset, range=chart.x_range), top=column, width=0.38,
+        for offset, (field, label), color in ((-0.2, first, "#9ecae1"), (0.2, second, "#08519c")):
+            renderer = chart.vbar(x=dodge("setup", offset, range=chart.x_range), top=field, width=0.38,
                                   color=color, source=self.bars)
             items.append(LegendItem(label=label, renderers=[renderer]))
         chart.add_layout(Legend(items=items, location="top_center", orientation="horizontal", background_fill_alpha=0.6))

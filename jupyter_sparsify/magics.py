@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 
 import pandas as pd
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from torch import nn
 
-from .corpus import SEED_TEXTS
 from .charts import write_report
 from .models import ModelLoadError, load_model
 from .progress import silent

@@ -30,12 +30,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
+
 
 import psutil
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+T = TypeVar("T")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -476,16 +479,22 @@ def wait_for_bokeh_data(
     what: str = "the expected Bokeh data",
 ) -> list[dict[str, list[Any]]]:
     """Poll `bokeh_sources(page)` until `predicate` holds on it; return those sources."""
+    return poll_until(
+        page, lambda: bokeh_sources(page), predicate, timeout_s,
+        lambda sources: f"{what} never reached the page within {timeout_s:.0f} s; Bokeh sources now: {sources}",
+    )
+
+
+def poll_until(page: Page, probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float,
+               failure: Callable[[T], str]) -> T:
+    """Call `probe` every 250 ms until `done(value)`; on timeout raise with `failure(value)` and the notebook."""
     deadline = time.monotonic() + timeout_s
     while True:
-        sources = bokeh_sources(page)
-        if predicate(sources):
-            return sources
+        value = probe()
+        if done(value):
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{what} never reached the page within {timeout_s:.0f} s; Bokeh sources now: "
-                f"{sources}\n{describe_notebook(page)}"
-            )
+            raise AssertionError(f"{failure(value)}\n{describe_notebook(page)}")
         page.wait_for_timeout(250)
 
 

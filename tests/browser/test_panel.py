@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from .jupyterlab import (
     error_outputs,
     headless_chromium,
     open_notebook,
+    poll_until,
     run_all_and_wait,
     running_jupyterlab,
     set_slider,
@@ -63,17 +63,10 @@ def _table_setups(table: Locator) -> list[str]:
 
 def _wait_table_rows(page: Page, table: Locator, setup: str, count: int, timeout_s: float) -> list[str]:
     """Wait until the history table holds `count` rows labelled `setup`; return its setups."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        setups = _table_setups(table)
-        if setups.count(setup) >= count:
-            return setups
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"table never showed {count} row(s) {setup!r} within {timeout_s:.0f} s; it shows "
-                f"{setups}\n{describe_notebook(page)}"
-            )
-        page.wait_for_timeout(250)
+    return poll_until(
+        page, lambda: _table_setups(table), lambda setups: setups.count(setup) >= count, timeout_s,
+        lambda setups: f"table never showed {count} row(s) {setup!r} within {timeout_s:.0f} s; it shows {setups}",
+    )
 
 
 def _screenshot_panel(page: Page, panel: Locator, paths: list[Path]) -> None:
