@@ -158,9 +158,11 @@ def sparse_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for the CSR weight from :func:`compress`; x is ``[..., in]`` on CPU.
 
-    Returns ``[..., out]`` in x's dtype, accumulating in fp32. One token runs rows in
-    parallel with vector gathers; several tokens are tiled so each nonzero is loaded once
-    per tile of tokens.
+    Returns ``[..., out]`` in x's dtype, accumulating in fp32 (inference only: no autograd).
+    Rows are split across torch's intra-op threads. One token streams the nonzeros once
+    (vector gathers, or permutes for dense rows); several tokens are tiled so each nonzero
+    is loaded once per tile of up to 64 tokens. Columns should ascend within each row, as
+    :func:`compress` makes them; other orders give the same result, only slower.
     """
     if _module is None:
         ensure_compiled()

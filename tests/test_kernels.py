@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 from pathlib import Path
 
@@ -98,6 +99,21 @@ def test_matches_dense(dtype: torch.dtype, shape: tuple[int, int], tokens: int, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_f", [13, 100, 576])
+def test_one_token_at_every_row_density(dtype: torch.dtype, in_f: int) -> None:
+    """One token picks a strategy per row from its density; rows of all densities, and rows
+    whose nonzeros crowd the last columns, must agree with dense."""
+    densities = torch.linspace(0.05, 1.0, 20)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(len(densities) + 2, in_f, generator=gen)
+    mask = torch.rand(weight.shape, generator=gen) < torch.cat([densities, torch.ones(2)])[:, None]
+    mask[-2, : in_f - 20] = False  # last 20 columns only
+    mask[-1, : in_f - 40] = False
+    check(torch.randn(1, in_f).to(dtype), (weight * mask).to(dtype), torch.randn(len(weight)))
+
+
+@needs_kernel
 @pytest.mark.parametrize("tokens", [1, 16, 70])
 def test_all_zero_rows_and_matrix(tokens: int) -> None:
     weight = random_weight(64, 96, 0.3, torch.float32)
@@ -131,6 +147,17 @@ def test_non_contiguous_and_3d_inputs(tokens: int) -> None:
 def test_mixed_dtypes(tokens: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     weight = random_weight(40, 72, 0.5, w_dtype)
     check(torch.randn(tokens, 72).to(x_dtype), weight, torch.randn(40))  # fp32 bias with any x
+
+
+@needs_kernel
+def test_concurrent_calls_and_long_inputs() -> None:
+    """Python threads may call the kernel at once (it releases the GIL and keeps per-thread
+    scratch buffers); more than 256 tokens are processed in chunks."""
+    weight = random_weight(300, 400, 0.5, torch.float32)
+    bias = torch.randn(300)
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(check, torch.randn(t, 400), weight, bias) for t in (1, 5, 40, 300, 600) * 4]:
+            future.result()
 
 
 @needs_kernel

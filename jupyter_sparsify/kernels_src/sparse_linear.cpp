@@ -18,6 +18,7 @@ namespace {
 constexpr int kLanes = 16;             // floats per token vector (one AVX-512 register)
 constexpr int64_t kL1Floats = 12288;   // 48 KiB: slice of packed x kept in L1 by the tiled path
 constexpr int64_t kPrefetch = 512;     // nonzeros prefetched ahead when streaming weights
+constexpr int64_t kPadding = 64;       // zero floats after x for the decode path's windows
 constexpr int64_t kMinWorkPerThread = 16384;  // nonzero x token products worth a thread
 constexpr int64_t kMaxChunkTokens = 256;     // tokens packed per pass (bounds the scratch buffer)
 
@@ -139,6 +140,53 @@ inline float row_dot(const V* v, const I* c, int64_t n, const float* x) {
   return sum + ((s0 + s1) + (s2 + s3));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// row_dot for rows dense enough that 16 consecutive nonzeros usually span fewer than W
+// (32 or 64) columns: x[base, base + W) is loaded contiguously and permuted into place,
+// which is cheaper than a gather. Needs x readable up to x[in + 63] (zero padding).
+template <int W, typename V>
+inline float row_dot_window(const V* v, const int16_t* c, int64_t n, const float* x) {
+  gvec a0 = gzero(), a1 = gzero();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512i idx = gindex(c + k);
+    const int64_t base = to_index(c[k]);
+    gvec xv;
+    if (to_index(c[k + 15]) - base < W) {
+      const __m512i rel = _mm512_sub_epi32(idx, _mm512_set1_epi32(static_cast<int>(base)));
+      const float* xb = x + base;
+      xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), rel, _mm512_loadu_ps(xb + 16));
+      if (W == 64) {
+        const gvec hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32), rel, _mm512_loadu_ps(xb + 48));
+        xv = _mm512_mask_blend_ps(_mm512_test_epi32_mask(rel, _mm512_set1_epi32(32)), xv, hi);
+      }
+    } else {
+      xv = gather(x, idx);
+    }
+    a0 = gfma(gload(v + k), xv, a0);
+    std::swap(a0, a1);
+  }
+  if (k < n) {
+    const gmask m = tail_mask(n - k);
+    a0 = gfma(gload(v + k, m), gather(x, gindex(c + k, m), m), a0);
+  }
+  return gsum(gadd(a0, a1));
+}
+
+// Picks the window width from the row's density (nonzeros per column).
+template <typename V>
+inline float row_dot_any(const V* v, const int16_t* c, int64_t n, const float* x, int64_t in) {
+  if (n * 5 >= in * 3) return row_dot_window<32>(v, c, n, x);
+  if (n * 10 >= in * 3) return row_dot_window<64>(v, c, n, x);
+  return row_dot(v, c, n, x);
+}
+#endif
+
+template <typename V, typename I>
+inline float row_dot_any(const V* v, const I* c, int64_t n, const float* x, int64_t) {
+  return row_dot(v, c, n, x);
+}
+
 // Software-prefetch the cache lines of p[done, until) and advance done.
 template <typename T>
 inline void prefetch_until(const T* p, int64_t& done, int64_t until) {
@@ -148,7 +196,7 @@ inline void prefetch_until(const T* p, int64_t& done, int64_t until) {
 // One token: y[r] = row r . x (+ bias) for rows [r0, r1). The weights are read once, so
 // the nonzeros are prefetched kPrefetch elements ahead, across row boundaries.
 template <typename V, typename I, typename P>
-void decode_rows(int64_t r0, int64_t r1, const V* v, const I* c, const P* rp, const float* x,
+void decode_rows(int64_t r0, int64_t r1, const V* v, const I* c, const P* rp, const float* x, int64_t in,
                  const float* bias, float* y) {
   int64_t v_done = rp[r0], c_done = rp[r0];
   const int64_t last = rp[r1];
@@ -156,7 +204,7 @@ void decode_rows(int64_t r0, int64_t r1, const V* v, const I* c, const P* rp, co
     const int64_t ahead = std::min<int64_t>(last, rp[r + 1] + kPrefetch);
     prefetch_until(v, v_done, ahead);
     prefetch_until(c, c_done, ahead);
-    y[r] = row_dot(v + rp[r], c + rp[r], rp[r + 1] - rp[r], x) + (bias ? bias[r] : 0.f);
+    y[r] = row_dot_any(v + rp[r], c + rp[r], rp[r + 1] - rp[r], x, in) + (bias ? bias[r] : 0.f);
   }
 }
 
@@ -336,8 +384,11 @@ void run(const V* v, const I* c, const P* rp, int64_t nnz, const float* x, int64
       1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), work / kMinWorkPerThread, out}));
   const std::vector<int64_t> bounds = balanced_bounds(rp, out, parts);
   if (tokens == 1) {
+    float* padded = scratch(0, in + kPadding);
+    std::memcpy(padded, x, in * sizeof(float));
+    std::fill(padded + in, padded + in + kPadding, 0.f);
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) decode_rows(bounds[p], bounds[p + 1], v, c, rp, x, bias, y);
+      for (int64_t p = p0; p < p1; ++p) decode_rows(bounds[p], bounds[p + 1], v, c, rp, padded, in, bias, y);
     });
     return;
   }
@@ -403,5 +454,5 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_linear", &sparse_linear, "CSR sparse linear layer (CPU)");
+  m.def("sparse_linear", &sparse_linear, "CSR sparse linear layer (CPU)", py::call_guard<py::gil_scoped_release>());
 }
