@@ -11,6 +11,7 @@ from .layers import Conv1D, weight_matrix
 
 BACKENDS = ("fast", "torch")
 _BUFFERS = ("values", "col_indices", "crow_indices")
+_INDEX_NAMES = {torch.uint8: "8-bit deltas", torch.int16: "uint16", torch.int32: "int32", torch.int64: "int64"}
 
 
 def default_backend(device: torch.device | str = "cpu") -> str:
@@ -41,7 +42,8 @@ class CSRLinear(nn.Module):
     Storage: ``values`` (the weight's dtype), ``col_indices`` and ``crow_indices``. The
     ``torch`` backend keeps int32 indices and runs ``torch.sparse.mm`` (fp16/bf16 are computed
     in fp32 on CPU, where torch has no half-precision CSR kernel); the ``fast`` backend keeps
-    16-bit column indices where the layer is narrow enough and runs this package's kernel.
+    8-bit delta-coded column indices (see :func:`~jupyter_sparsify.kernels.compress`; 16- or
+    32-bit absolute ones if those would be smaller) and runs this package's kernel.
 
     Example:
         >>> sparse = CSRLinear.from_dense(model.model.layers[0].mlp.up_proj)
@@ -86,16 +88,18 @@ class CSRLinear(nn.Module):
 
     @property
     def nnz(self) -> int:
-        """Number of stored weights."""
+        """Number of stored entries (with the 8-bit format, a few may be zero padding)."""
         return self.values.numel()
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense [out_features, in_features] tensor."""
+        from . import kernels
+
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
         rows = torch.repeat_interleave(
             torch.arange(self.out_features, device=self.values.device), self.crow_indices.diff().long()
         )
-        dense[rows, _columns(self.col_indices)] = self.values
+        dense[rows, kernels.column_positions(self.col_indices, self.crow_indices)] = self.values
         return dense
 
     def to_dense(self) -> nn.Module:
@@ -148,12 +152,6 @@ class CSRLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz} "
             f"({density:.1%} dense), values={str(self.values.dtype).replace('torch.', '')}, "
-            f"indices={str(self.col_indices.dtype).replace('torch.', '')}, backend={self.backend!r}"
+            f"indices={_INDEX_NAMES[self.col_indices.dtype]}, backend={self.backend!r}"
         )
-
-
-def _columns(col_indices: torch.Tensor) -> torch.Tensor:
-    """Column indices as int64; int16 storage holds unsigned 16-bit values."""
-    columns = col_indices.long()
-    return columns & 0xFFFF if col_indices.dtype == torch.int16 else columns
 

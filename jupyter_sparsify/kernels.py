@@ -1,5 +1,8 @@
 """Sparse CPU kernels for pruned linear layers: CSR with compact column indices.
 
+Column indices are stored as 8-bit deltas (the gap to the previous nonzero of the row) where
+that is smallest, which is nearly always: a CSR nonzero then costs its value + 1 byte.
+
 The kernel is a C++ torch extension compiled on first use (``torch.utils.cpp_extension``,
 needs a C++ compiler and ``ninja``) and cached under ``$JUPYTER_SPARSIFY_CACHE/kernels``
 (default ``~/.cache/jupyter_sparsify/kernels``). It runs on torch's own thread pool, so it
@@ -46,7 +49,8 @@ def _isa_cflags() -> list[str]:
         return []
     flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"} <= flags:
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]
+        vnni = ["-mavx512vnni"] if "avx512_vnni" in flags else []
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c", *vnni]
     if {"avx2", "fma", "f16c"} <= flags:
         return ["-mavx2", "-mfma", "-mf16c"]
     return []
@@ -118,33 +122,90 @@ def compress(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense ``[out, in]`` weight -> CSR ``(values, col_indices, row_ptr)`` without zeros.
 
-    Values keep the weight's dtype; col_indices use ``index_dtype`` (default
-    :func:`index_dtype_for`), int16 storing uint16 bit patterns; row_ptr is int32 when the
-    nonzero count fits, else int64.
+    ``index_dtype`` picks the column-index format:
+
+    * ``torch.uint8``: delta-coded, each entry's column minus the previous entry's column in
+      its row (the first entry's minus 0). A gap over 255 is bridged by explicit zero entries
+      (value 0, delta 255), so ``values`` may hold a few zeros; they are multiplied like any
+      other entry and counted in the storage.
+    * ``torch.int16`` (uint16 bit patterns, up to 65536 columns) or ``torch.int32``: absolute.
+    * ``None`` (default): whichever of uint8 deltas and :func:`index_dtype_for` takes fewer bytes.
+
+    Values keep the weight's dtype; row_ptr is int32 when the entry count fits, else int64.
     """
     if weight.dim() != 2:
         raise ValueError(f"compress expects a 2-D weight, got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
-    index_dtype = index_dtype or index_dtype_for(in_features)
-    if index_dtype not in (torch.int16, torch.int32):
-        raise ValueError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+    absolute = index_dtype_for(in_features)
+    if index_dtype not in (None, torch.uint8, torch.int16, torch.int32):
+        raise ValueError(f"index_dtype must be torch.uint8, torch.int16, torch.int32 or None, got {index_dtype}")
     if index_dtype == torch.int16 and in_features > 65536:
         raise ValueError(f"int16 column indices hold at most 65536 columns, got {in_features}")
     weight = weight.detach()
     mask = weight != 0
     counts = mask.sum(dim=1)
-    nnz = int(counts.sum())
-    ptr_dtype = torch.int32 if nnz < 2**31 else torch.int64
     row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=weight.device)
     torch.cumsum(counts, dim=0, out=row_ptr[1:])
-    # Row blocks bound nonzero()'s int64 temporaries; int32 -> int16 keeps the low 16 bits,
-    # so columns above 32767 become their uint16 bit patterns.
+    columns = _nonzero_columns(mask)
+    values = weight[mask].contiguous()
+    if index_dtype in (None, torch.uint8):
+        gaps, padding = _gaps(columns, row_ptr)
+        delta_bytes = (values.numel() + int(padding.sum())) * (values.element_size() + 1)
+        if index_dtype == torch.uint8 or delta_bytes <= values.numel() * (values.element_size() + absolute.itemsize):
+            return _delta_coded(values, gaps, padding, row_ptr)
+    # int32 -> int16 keeps the low 16 bits, so columns above 32767 become their uint16 bit patterns.
+    return values, columns.to(index_dtype or absolute), _row_ptr_dtype(row_ptr)
+
+
+def _nonzero_columns(mask: torch.Tensor) -> torch.Tensor:
+    """int32 column of every true entry, row by row; row blocks bound nonzero()'s int64 temporaries."""
+    out_features, in_features = mask.shape
     step = max(1, 2**24 // max(1, in_features))
-    col_indices = torch.cat(
-        [mask[r : r + step].nonzero()[:, 1].to(torch.int32).to(index_dtype) for r in range(0, out_features, step)]
-        or [torch.zeros(0, dtype=index_dtype, device=weight.device)]
-    )
-    return weight[mask].contiguous(), col_indices, row_ptr.to(ptr_dtype)
+    blocks = [mask[r : r + step].nonzero()[:, 1].to(torch.int32) for r in range(0, out_features, step)]
+    return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int32, device=mask.device)
+
+
+def _gaps(columns: torch.Tensor, row_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each entry's column minus the previous one in its row (0 before a row), and the zero
+    entries needed in front of it so that every delta fits in 8 bits."""
+    previous = torch.zeros_like(columns)
+    previous[1:] = columns[:-1]
+    starts = row_ptr[:-1][row_ptr[:-1] < row_ptr[1:]]  # first entry of each non-empty row
+    previous[starts] = 0
+    gaps = columns - previous
+    return gaps, (gaps - 1).clamp_(min=0) // 255
+
+
+def _delta_coded(
+    values: torch.Tensor, gaps: torch.Tensor, padding: torch.Tensor, row_ptr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uint8 delta layout: padding entries (value 0, delta 255) before long gaps."""
+    padding = padding.long()
+    slots = torch.cumsum(padding + 1, dim=0) - 1  # where each real entry lands
+    total = int(slots[-1]) + 1 if len(slots) else 0
+    deltas = torch.full((total,), 255, dtype=torch.uint8, device=values.device)
+    deltas[slots] = (gaps - 255 * padding).to(torch.uint8)
+    padded = torch.zeros(total, dtype=values.dtype, device=values.device)
+    padded[slots] = values
+    padding_before = torch.zeros(len(padding) + 1, dtype=torch.int64, device=values.device)
+    torch.cumsum(padding, dim=0, out=padding_before[1:])
+    return padded, deltas, _row_ptr_dtype(row_ptr + padding_before[row_ptr])
+
+
+def _row_ptr_dtype(row_ptr: torch.Tensor) -> torch.Tensor:
+    return row_ptr.to(torch.int32) if int(row_ptr[-1]) < 2**31 else row_ptr
+
+
+def column_positions(col_indices: torch.Tensor, row_ptr: torch.Tensor) -> torch.Tensor:
+    """The int64 column of every stored entry, whatever the index format of :func:`compress`."""
+    if col_indices.dtype == torch.int16:
+        return col_indices.long() & 0xFFFF
+    if col_indices.dtype != torch.uint8:
+        return col_indices.long()
+    running = torch.cumsum(col_indices, dim=0, dtype=torch.int64)
+    before = torch.cat([running.new_zeros(1), running])[row_ptr[:-1].long()]  # running sum before each row
+    counts = row_ptr.diff().long()
+    return running - torch.repeat_interleave(before, counts)
 
 
 def sparse_linear(
@@ -161,8 +222,8 @@ def sparse_linear(
     Returns ``[..., out]`` in x's dtype, accumulating in fp32 (inference only: no autograd).
     Rows are split across torch's intra-op threads. One token streams the nonzeros once
     (vector gathers, or permutes for dense rows); several tokens are tiled so each nonzero
-    is loaded once per tile of up to 64 tokens. Columns should ascend within each row, as
-    :func:`compress` makes them; other orders give the same result, only slower.
+    is loaded once per tile of up to 64 tokens. The indices must be as :func:`compress`
+    makes them (they are not bounds-checked per call).
     """
     if _module is None:
         ensure_compiled()

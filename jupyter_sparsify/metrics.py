@@ -110,7 +110,8 @@ def csr_break_even(value_dtype: torch.dtype, index_dtype: torch.dtype) -> float:
     """Sparsity above which a CSR layer is smaller than the dense one (row pointers neglected).
 
     Dense costs v bytes per weight; CSR costs v + i per nonzero, so CSR wins when the
-    density falls below v / (v + i): fp32 with int64 indices 67 %, int32 50 %, 16-bit 33 %.
+    density falls below v / (v + i): fp32 with int64 indices 67 %, int32 50 %, 16-bit 33 %,
+    8-bit deltas 20 % (plus their few zero padding entries, see ``kernels.compress``).
     """
     value_bytes = torch.empty(0, dtype=value_dtype).element_size()
     index_bytes = torch.empty(0, dtype=index_dtype).element_size()

@@ -386,7 +386,8 @@ class Session:
              + torch.empty(0, dtype=index).element_size(),
              "break_even_sparsity": metrics.csr_break_even(dtype, index)}
             for label, index in (("CSR int64 (torch default)", torch.int64), ("CSR int32 (backend torch)", torch.int32),
-                                 ("CSR 16-bit (backend fast)", torch.int16))
+                                 ("CSR uint16 (backend fast, scattered rows)", torch.int16),
+                                 ("CSR 8-bit deltas (backend fast)", torch.uint8))
         ]
         return pd.DataFrame(rows)
 

@@ -28,6 +28,10 @@ def test_the_seed_table_tells_the_truth(smol):
     torch.testing.assert_close(csr_logits, masked_logits, rtol=1e-3, atol=1e-2)  # fp32 sums in another order, 30 layers deep
     assert [dense["setup"], masked["setup"], csr["setup"]] == ["Dense", "Masked 30%", "CSR 30%"]
     assert list(smol.history["setup"])[-3:] == ["Dense", "Masked 30%", "CSR 30%"]
+    smol.apply(0.3, mode="csr")  # the fast backend: 8-bit delta indices, 5 bytes per nonzero
+    fast = smol.measure()
+    assert fast["size_mb"] < dense["size_mb"] < csr["size_mb"]
+    assert fast["top1_match"] == masked["top1_match"]
 
 
 def test_reset_is_bit_exact_and_restores_module_types(smol):

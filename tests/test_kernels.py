@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +27,14 @@ def random_weight(out_f: int, in_f: int, sparsity: float, dtype: torch.dtype, se
     return (weight * (torch.rand(out_f, in_f, generator=gen) >= sparsity)).to(dtype)
 
 
-def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Run the kernel on compress(weight) and compare with F.linear in fp32."""
+INDEX_DTYPES = [torch.uint8, torch.int16]
+
+
+def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          index_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run the kernel on compress(weight, index_dtype) and compare with F.linear in fp32."""
     out_f, in_f = weight.shape
-    y = kernels.sparse_linear(x, *kernels.compress(weight), bias, out_f, in_f)
+    y = kernels.sparse_linear(x, *kernels.compress(weight, index_dtype), bias, out_f, in_f)
     ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     assert y.dtype == x.dtype
     assert y.shape == (*x.shape[:-1], out_f)
@@ -48,12 +53,41 @@ def test_index_dtype_for() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_compress_layout(dtype: torch.dtype) -> None:
     weight = torch.tensor([[0.0, 1.5, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 4.0]], dtype=dtype)
-    values, cols, row_ptr = kernels.compress(weight)
-    assert values.dtype == dtype and cols.dtype == torch.int16 and row_ptr.dtype == torch.int32
+    values, cols, row_ptr = kernels.compress(weight)  # the default: 8-bit deltas, the smallest here
+    assert values.dtype == dtype and cols.dtype == torch.uint8 and row_ptr.dtype == torch.int32
     assert values.tolist() == [1.5, -2.0, 3.0, 4.0]
-    assert cols.tolist() == [1, 3, 0, 3]
+    assert cols.tolist() == [1, 2, 0, 3]  # column minus the previous column of the row
     assert row_ptr.tolist() == [0, 2, 2, 4]
+    assert kernels.column_positions(cols, row_ptr).tolist() == [1, 3, 0, 3]
+    absolute = kernels.compress(weight, torch.int16)
+    assert absolute[1].dtype == torch.int16 and absolute[1].tolist() == [1, 3, 0, 3]
     assert kernels.compress(weight, torch.int32)[1].dtype == torch.int32
+
+
+def test_delta_gaps_over_255_get_zero_padding() -> None:
+    """Gaps of 256 and more are bridged by (value 0, delta 255) entries; every stored column
+    decodes back, the real entries keep their values, and the layer still computes F.linear."""
+    weight = torch.zeros(4, 1200)
+    real = {0: [0, 255, 511, 512, 1199], 1: [300], 2: [], 3: [256, 766, 767]}
+    for row, cols in real.items():
+        weight[row, cols] = torch.arange(1, len(cols) + 1, dtype=torch.float32)
+    values, deltas, row_ptr = kernels.compress(weight, torch.uint8)
+    columns = kernels.column_positions(deltas, row_ptr)
+    rows = torch.repeat_interleave(torch.arange(4), row_ptr.diff().long())
+    rebuilt = torch.zeros_like(weight)
+    rebuilt[rows, columns] = values
+    assert torch.equal(rebuilt, weight)
+    assert int(deltas.max()) == 255 and int((values == 0).sum()) == 3 + 1 + 2  # padding entries
+    assert row_ptr.diff().tolist() == [5 + 3, 1 + 1, 0, 3 + 2]
+    for tokens in (1, 7, 40):
+        check(torch.randn(tokens, 1200), weight, torch.randn(4), torch.uint8)
+
+
+def test_default_index_format_is_the_smallest() -> None:
+    scattered = torch.zeros(2, 70000)
+    scattered[:, ::5000] = 1.0  # gaps of 5000: 19 padding entries each, absolute int32 is smaller
+    assert kernels.compress(scattered)[1].dtype == torch.int32
+    assert kernels.compress(random_weight(30, 70000, 0.9, torch.float32))[1].dtype == torch.uint8
 
 
 def test_compress_rejects_bad_arguments() -> None:
@@ -62,6 +96,8 @@ def test_compress_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
         kernels.compress(torch.ones(2, 3), torch.int64)
     with pytest.raises(ValueError):
+        kernels.compress(torch.ones(2, 3), torch.int8)
+    with pytest.raises(ValueError):
         kernels.compress(torch.ones(1, 65537), torch.int16)
 
 
@@ -69,35 +105,40 @@ def test_compress_uint16_columns_above_32767() -> None:
     weight = torch.zeros(3, 40000)
     weight[0, [5, 32767, 32768, 39999]] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     weight[2, 65535 % 40000] = 5.0
-    values, cols, _ = kernels.compress(weight)
+    values, cols, _ = kernels.compress(weight, torch.int16)
     assert cols.dtype == torch.int16
     assert (cols.to(torch.int32) & 0xFFFF).tolist() == [5, 32767, 32768, 39999, 25535]
 
 
 @pytest.mark.parametrize("in_f", [40000, 65536, 70000])
-def test_wide_inputs(in_f: int) -> None:
+@pytest.mark.parametrize("index_dtype", [None, torch.uint8])
+def test_wide_inputs(in_f: int, index_dtype: torch.dtype | None) -> None:
     weight = torch.zeros(4, in_f)
     cols = torch.tensor([0, 100, 32767, 32768, 50000 % in_f, in_f - 1])
     weight[:, cols] = torch.randn(4, len(cols))
-    assert kernels.compress(weight)[1].dtype == kernels.index_dtype_for(in_f)
+    expected = index_dtype or kernels.index_dtype_for(in_f)  # long gaps: absolute indices are smaller
+    assert kernels.compress(weight, index_dtype)[1].dtype == expected
     for tokens in (1, 3, 20):
-        check(torch.randn(tokens, in_f), weight, torch.randn(4))
+        check(torch.randn(tokens, in_f), weight, torch.randn(4), index_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, 13), (576, 576), (1536, 576)])
 @pytest.mark.parametrize("tokens", [1, 3, 16, 20, 128])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
-def test_matches_dense(dtype: torch.dtype, shape: tuple[int, int], tokens: int, sparsity: float) -> None:
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_matches_dense(dtype: torch.dtype, shape: tuple[int, int], tokens: int, sparsity: float,
+                       index_dtype: torch.dtype) -> None:
     weight = random_weight(*shape, sparsity, dtype)
     x = torch.randn(tokens, shape[1]).to(dtype)
-    check(x, weight, None)
-    check(x, weight, torch.randn(shape[0]).to(dtype))
+    check(x, weight, None, index_dtype)
+    check(x, weight, torch.randn(shape[0]).to(dtype), index_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("in_f", [13, 100, 576])
-def test_one_token_at_every_row_density(dtype: torch.dtype, in_f: int) -> None:
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_one_token_at_every_row_density(dtype: torch.dtype, in_f: int, index_dtype: torch.dtype) -> None:
     """One token picks a strategy per row from its density; rows of all densities, and rows
     whose nonzeros crowd the last columns, must agree with dense."""
     densities = torch.linspace(0.05, 1.0, 20)
@@ -106,7 +147,7 @@ def test_one_token_at_every_row_density(dtype: torch.dtype, in_f: int) -> None:
     mask = torch.rand(weight.shape, generator=gen) < torch.cat([densities, torch.ones(2)])[:, None]
     mask[-2, : in_f - 20] = False  # last 20 columns only
     mask[-1, : in_f - 40] = False
-    check(torch.randn(1, in_f).to(dtype), (weight * mask).to(dtype), torch.randn(len(weight)))
+    check(torch.randn(1, in_f).to(dtype), (weight * mask).to(dtype), torch.randn(len(weight)), index_dtype)
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 70])
@@ -170,18 +211,19 @@ def test_rejects_wrong_shapes() -> None:
         kernels.sparse_linear(torch.randn(2, 16), values, cols, row_ptr, torch.randn(3), 8, 16)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512-without-vnni", "avx2", "scalar"])
 def test_fallback_instruction_sets(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The AVX2 and plain C++ code paths (for CPUs without AVX-512) agree with dense too."""
-    flags = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}[isa]
+    """The code paths for CPUs without AVX-512 VNNI or AVX-512 agree with dense too."""
+    flags = {"avx512-without-vnni": [f for f in kernels._isa_cflags() if f != "-mavx512vnni"],
+             "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}[isa]
     monkeypatch.setattr(kernels, "_isa_cflags", lambda: flags)
     monkeypatch.setattr(kernels, "_module", None)
     kernels.ensure_compiled()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in ((7, 13), (100, 300)):
             weight = random_weight(*shape, 0.5, dtype)
-            for tokens in (1, 3, 40):
-                check(torch.randn(tokens, shape[1]).to(dtype), weight, torch.randn(shape[0]))
+            for tokens, index_dtype in itertools.product((1, 3, 40), INDEX_DTYPES):
+                check(torch.randn(tokens, shape[1]).to(dtype), weight, torch.randn(shape[0]), index_dtype)
 
 
 def test_unavailable_when_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:

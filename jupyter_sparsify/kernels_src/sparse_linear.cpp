@@ -1,6 +1,10 @@
 // CSR sparse linear layer y = x @ W.T + b for CPU, parallelised with at::parallel_for
-// (torch's own thread pool, no second OpenMP runtime). Values fp32/fp16/bf16, column
-// indices uint16 (stored as int16) or int32, row pointers int32 or int64, fp32 accumulation.
+// (torch's own thread pool, no second OpenMP runtime). Values fp32/fp16/bf16, fp32
+// accumulation, row pointers int32 or int64, column indices one of:
+//   uint8  -- delta-coded: each entry is its column minus the previous entry's column in the
+//             row (the first minus 0); gaps over 255 are bridged by explicit zero entries;
+//   uint16 -- absolute, stored as int16 bits;
+//   int32  -- absolute.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -55,6 +59,11 @@ inline float to_float(at::Half v) {
 
 inline int64_t to_index(int16_t c) { return static_cast<uint16_t>(c); }
 inline int64_t to_index(int32_t c) { return c; }
+
+// Column of an entry from the previous entry's column: absolute formats ignore `previous`.
+inline int64_t next_col(int64_t, int16_t c) { return to_index(c); }
+inline int64_t next_col(int64_t, int32_t c) { return c; }
+inline int64_t next_col(int64_t previous, uint8_t delta) { return previous + delta; }
 
 // ------------------------------------------------------------ vector gathers (one token)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -187,6 +196,112 @@ inline float row_dot_any(const V* v, const I* c, int64_t n, const float* x, int6
   return row_dot(v, c, n, x);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// Inclusive prefix sum over the 16 int32 lanes.
+inline __m512i prefix_sum16(__m512i d) {
+  const __m512i z = _mm512_setzero_si512();
+  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 15));
+  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 14));
+  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 12));
+  return _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 8));
+}
+
+// Column offsets of 16 delta-coded entries: lane i = c[0] + ... + c[i].
+#if defined(__AVX512VNNI__)
+// Four dot products (vpdpbusd) of the broadcast 4-byte groups with 0/1 masks: no shuffles.
+struct TriangleMasks {
+  __m512i group[4];
+  TriangleMasks() {
+    for (int g = 0; g < 4; ++g) {
+      alignas(64) int8_t bytes[64];
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 4; ++j) bytes[4 * i + j] = 4 * g + j <= i ? 1 : 0;
+      group[g] = _mm512_load_si512(bytes);
+    }
+  }
+};
+
+inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks& t) {
+  __m512i sum = _mm512_setzero_si512();
+  for (int g = 0; g < 4; ++g) {
+    int32_t word;
+    std::memcpy(&word, c + 4 * g, 4);
+    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(word), t.group[g]);
+  }
+  return sum;
+}
+#else
+struct TriangleMasks {};
+
+inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks&) {
+  return prefix_sum16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+}
+#endif
+
+// Sum of the 16 bytes at p, in scalar registers (keeps the vector shuffle port free).
+inline int64_t byte_sum16(const uint8_t* p) {
+  constexpr uint64_t kLow = 0x00FF00FF00FF00FFull;
+  uint64_t a, b;
+  std::memcpy(&a, p, 8);
+  std::memcpy(&b, p + 8, 8);
+  const uint64_t pairs = (a & kLow) + ((a >> 8) & kLow) + (b & kLow) + ((b >> 8) & kLow);  // 4 sums <= 1020
+  return static_cast<int64_t>((pairs * 0x0001000100010001ull) >> 48);
+}
+
+// x[xb + rel[i]] for the 16 lanes: a permute of the window xb[0, W) when every offset is
+// inside it (W = 32 or 64), else a gather (always for W = 0).
+template <int W>
+inline gvec window_or_gather(const float* xb, __m512i rel) {
+  if (W == 0 || _mm512_cmpge_epi32_mask(rel, _mm512_set1_epi32(W)) != 0) return _mm512_i32gather_ps(rel, xb, 4);
+  const gvec lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), rel, _mm512_loadu_ps(xb + 16));
+  if (W == 32) return lo;
+  const gvec hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32), rel, _mm512_loadu_ps(xb + 48));
+  return _mm512_mask_blend_ps(_mm512_test_epi32_mask(rel, _mm512_set1_epi32(32)), lo, hi);
+}
+
+// row_dot for delta-coded columns: 16 deltas are widened and prefix-summed into offsets
+// from the running column `base`; x[base, base + W) is permuted into place when the 16
+// entries fit in the window, gathered otherwise. Needs x readable up to x[in + 63].
+template <int W, typename V>
+inline float row_dot_delta(const V* v, const uint8_t* c, int64_t n, const float* x) {
+  static const TriangleMasks masks;
+  gvec a0 = gzero(), a1 = gzero();
+  int64_t k = 0, base = 0;
+  for (; k + 16 <= n; k += 16) {
+    a0 = gfma(gload(v + k), window_or_gather<W>(x + base, delta_offsets(c + k, masks)), a0);
+    std::swap(a0, a1);
+    base += byte_sum16(c + k);
+  }
+  if (k < n) {  // masked-off deltas load as 0, so their lanes repeat the last offset; their values are 0
+    const gmask m = tail_mask(n - k);
+    const __m512i rel = prefix_sum16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, c + k)));
+    a0 = gfma(gload(v + k, m), window_or_gather<W>(x + base, rel), a0);
+  }
+  return gsum(gadd(a0, a1));
+}
+
+template <typename V>
+inline float row_dot_any(const V* v, const uint8_t* c, int64_t n, const float* x, int64_t in) {
+  if (n * 5 >= in * 3) return row_dot_delta<32>(v, c, n, x);
+  if (n * 10 >= in * 3) return row_dot_delta<64>(v, c, n, x);
+  return row_dot_delta<0>(v, c, n, x);
+}
+#else
+template <typename V>
+inline float row_dot_any(const V* v, const uint8_t* c, int64_t n, const float* x, int64_t) {
+  float s0 = 0.f, s1 = 0.f;
+  int64_t k = 0, col = 0;
+  for (; k + 2 <= n; k += 2) {
+    col += c[k];
+    s0 += to_float(v[k]) * x[col];
+    col += c[k + 1];
+    s1 += to_float(v[k + 1]) * x[col];
+  }
+  if (k < n) s0 += to_float(v[k]) * x[col + c[k]];
+  return s0 + s1;
+}
+#endif
+
 // Software-prefetch the cache lines of p[done, until) and advance done.
 template <typename T>
 inline void prefetch_until(const T* p, int64_t& done, int64_t until) {
@@ -291,33 +406,42 @@ void tiled_rows(int64_t r0, int64_t r1, const V* v, const I* c, const P* rp, con
   const int64_t rows = r1 - r0, tiles = (tokens + TT - 1) / TT;
   const int64_t blocks = (in * TT + kL1Floats - 1) / kL1Floats, block_cols = (in + blocks - 1) / blocks;
   vfloat* partial = reinterpret_cast<vfloat*>(scratch(1, rows * TT));
-  std::vector<int64_t> cursor(rows);
+  std::vector<int64_t> cursor(rows), column(rows);
   vfloat stage[kLanes][NV];
   for (int64_t b = 0; b < tiles; ++b) {
     const float* xb = xt + b * in * TT;
-    for (int64_t i = 0; i < rows; ++i) cursor[i] = rp[r0 + i];
+    for (int64_t i = 0; i < rows; ++i) cursor[i] = rp[r0 + i], column[i] = 0;
     for (int64_t cend = block_cols; cend - block_cols < in; cend += block_cols) {
       const bool first = cend == block_cols, last = cend >= in;
       for (int64_t i = 0; i < rows; ++i) {
         vfloat acc[U][NV] = {};
-        int64_t k = cursor[i];
+        int64_t k = cursor[i], col = column[i];
         const int64_t k1 = rp[r0 + i + 1];
-        for (; k + U <= k1 && to_index(c[k + U - 1]) < cend; k += U) {
+        for (; k + U <= k1; k += U) {
+          int64_t cols[U];
+          int64_t next = col;
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) cols[u] = next = next_col(next, c[k + u]);
+          if (next >= cend) break;
+          col = next;
 #pragma GCC unroll 8
           for (int u = 0; u < U; ++u) {
             const vfloat w = splat(to_float(v[k + u]));
-            const float* xp = xb + to_index(c[k + u]) * TT;
+            const float* xp = xb + cols[u] * TT;
 #pragma GCC unroll 8
             for (int j = 0; j < NV; ++j) acc[u][j] += w * vload(xp + j * kLanes);
           }
         }
-        for (; k < k1 && to_index(c[k]) < cend; ++k) {
+        for (; k < k1; ++k) {
+          const int64_t next = next_col(col, c[k]);
+          if (next >= cend) break;
+          col = next;
           const vfloat w = splat(to_float(v[k]));
-          const float* xp = xb + to_index(c[k]) * TT;
+          const float* xp = xb + col * TT;
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) acc[0][j] += w * vload(xp + j * kLanes);
         }
-        cursor[i] = k;
+        cursor[i] = k, column[i] = col;
         vfloat* dst = last ? stage[i % kLanes] : partial + i * NV;
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) {
@@ -365,7 +489,8 @@ void dispatch(const torch::Tensor& values, const torch::Tensor& cols, const torc
       if (rp.scalar_type() == at::kInt) f(vt, it, Tag<int32_t>{});
       else f(vt, it, Tag<int64_t>{});
     };
-    if (cols.scalar_type() == at::kShort) with_ptr(Tag<int16_t>{});
+    if (cols.scalar_type() == at::kByte) with_ptr(Tag<uint8_t>{});
+    else if (cols.scalar_type() == at::kShort) with_ptr(Tag<int16_t>{});
     else with_ptr(Tag<int32_t>{});
   };
   switch (values.scalar_type()) {
@@ -420,9 +545,9 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && cols.dim() == 1 && cols.is_contiguous() &&
                   values.numel() == cols.numel(),
               "sparse_linear: values and col_indices must be contiguous 1-D tensors of equal length");
-  TORCH_CHECK(cols.scalar_type() == at::kShort || cols.scalar_type() == at::kInt,
-              "sparse_linear: col_indices must be int16 (uint16 bits) or int32");
-  TORCH_CHECK(cols.scalar_type() == at::kInt || in_features <= 65536,
+  TORCH_CHECK(cols.scalar_type() == at::kByte || cols.scalar_type() == at::kShort || cols.scalar_type() == at::kInt,
+              "sparse_linear: col_indices must be uint8 (deltas), int16 (uint16 bits) or int32");
+  TORCH_CHECK(cols.scalar_type() != at::kShort || in_features <= 65536,
               "sparse_linear: int16 col_indices need in_features <= 65536");
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.is_contiguous() && row_ptr.numel() == out_features + 1 &&
                   (row_ptr.scalar_type() == at::kInt || row_ptr.scalar_type() == at::kLong),
