@@ -42,6 +42,20 @@ def size_mb(model: nn.Module) -> float:
     return storage_bytes(model) / MIB
 
 
+class NonzeroCounts:
+    """Nonzero count per tensor, each tensor counted once: one measurement reads the same
+    weights through several metrics, and counting is a full pass over the model."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple, int] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> int:
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in self._counts:
+            self._counts[key] = int(torch.count_nonzero(tensor))
+        return self._counts[key]
+
+
 @dataclass(frozen=True)
 class WeightCount:
     """How many weights a set of layers has at its logical dense shape, and how many are zero."""
@@ -54,31 +68,33 @@ class WeightCount:
         return self.zeros / self.total if self.total else 0.0
 
 
-def count_weights(modules: Iterable[nn.Module]) -> WeightCount:
+def count_weights(modules: Iterable[nn.Module], nonzeros: NonzeroCounts | None = None) -> WeightCount:
     """Zero count of the modules' weight matrices (dense, masked or CSR) at their logical shape."""
+    nonzeros = nonzeros or NonzeroCounts()
     total = zeros = 0
     seen: set[int] = set()
     for module in modules:
         if isinstance(module, CSRLinear):
             logical = module.in_features * module.out_features
             total += logical
-            zeros += logical - int(torch.count_nonzero(module.values))
+            zeros += logical - nonzeros(module.values)
         elif module.weight.data_ptr() not in seen:
             seen.add(module.weight.data_ptr())
             total += module.weight.numel()
-            zeros += module.weight.numel() - int(torch.count_nonzero(module.weight))
+            zeros += module.weight.numel() - nonzeros(module.weight)
     return WeightCount(total, zeros)
 
 
-def model_weight_count(model: nn.Module) -> WeightCount:
+def model_weight_count(model: nn.Module, nonzeros: NonzeroCounts | None = None) -> WeightCount:
     """Zeros among every parameter of the model, CSR layers counted at their dense shape."""
+    nonzeros = nonzeros or NonzeroCounts()
     csr_modules = [module for module in model.modules() if isinstance(module, CSRLinear)]
-    csr = count_weights(csr_modules)
+    csr = count_weights(csr_modules, nonzeros)
     total, zeros = csr.total, csr.zeros
     for tensor in distinct_tensors(model):
         if isinstance(tensor, nn.Parameter):
             total += tensor.numel()
-            zeros += tensor.numel() - int(torch.count_nonzero(tensor))
+            zeros += tensor.numel() - nonzeros(tensor)
     return WeightCount(total, zeros)
 
 
@@ -91,17 +107,18 @@ class LinearCompute:
     executed: int  # what the kernels really multiply: dense layers all, CSR layers their nnz
 
 
-def linear_compute(model: nn.Module) -> LinearCompute:
+def linear_compute(model: nn.Module, nonzeros: NonzeroCounts | None = None) -> LinearCompute:
     """MACs per token of the model's linear layers (attention score products are not included)."""
+    nonzeros = nonzeros or NonzeroCounts()
     dense = nonzero = executed = 0
     for module in model.modules():
         if isinstance(module, CSRLinear):
             dense += module.in_features * module.out_features
-            nonzero += int(torch.count_nonzero(module.values))
+            nonzero += nonzeros(module.values)
             executed += module.nnz
         elif is_linear_like(module):
             dense += module.weight.numel()
-            nonzero += int(torch.count_nonzero(module.weight))
+            nonzero += nonzeros(module.weight)
             executed += module.weight.numel()
     return LinearCompute(dense, nonzero, executed)
 

@@ -279,8 +279,11 @@ class Session:
         if latency and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
             raise ValueError(f"repeats must be a whole number >= 1; got {repeats!r}")
         top1, ppl = self._agreement()
-        weights = metrics.count_weights(getattr(layer.parent, layer.attr) for layer in (self._pruned or self.default_layers))
-        compute = metrics.linear_compute(self.model)
+        nonzeros = metrics.NonzeroCounts()
+        weights = metrics.count_weights(
+            (getattr(layer.parent, layer.attr) for layer in (self._pruned or self.default_layers)), nonzeros
+        )
+        compute = metrics.linear_compute(self.model, nonzeros)
         settings = self.settings
         row = {
             "setup": settings.label,
@@ -291,7 +294,7 @@ class Session:
             "amount": settings.amount,
             "size_mb": metrics.size_mb(self.model),
             "sparsity_prunable": weights.sparsity,
-            "sparsity_model": metrics.model_weight_count(self.model).sparsity,
+            "sparsity_model": metrics.model_weight_count(self.model, nonzeros).sparsity,
             "compute_ratio": compute.nonzero / self._dense_compute.nonzero,
             "executed_ratio": compute.executed / self._dense_compute.dense,
             "top1_match": top1,
