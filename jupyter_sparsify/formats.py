@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import kernels
 from .layers import Conv1D, weight_matrix
 
 BACKENDS = ("fast", "torch")
@@ -16,8 +17,6 @@ _INDEX_NAMES = {torch.uint8: "8-bit deltas", torch.int16: "uint16", torch.int32:
 
 def default_backend(device: torch.device | str = "cpu") -> str:
     """``fast`` (this package's compiled CPU kernel) where it runs, else ``torch`` (torch's CSR)."""
-    from . import kernels
-
     return "fast" if torch.device(device).type == "cpu" and kernels.is_available() else "torch"
 
 
@@ -28,8 +27,6 @@ def validate_backend(backend: str | None, device: torch.device | str = "cpu") ->
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "fast":
-        from . import kernels
-
         if torch.device(device).type != "cpu":
             raise ValueError("backend 'fast' runs on CPU only; use backend='torch' (cuSPARSE) on GPU")
         kernels.ensure_compiled()
@@ -77,8 +74,6 @@ class CSRLinear(nn.Module):
         """Compress an ``nn.Linear`` / ``Conv1D``; only nonzero weights are kept."""
         weight = weight_matrix(module).detach()
         backend = validate_backend(backend, weight.device)
-        from . import kernels
-
         index_dtype = None if backend == "fast" else torch.int32  # torch's CSR needs int32/int64 indices
         values, col_indices, crow_indices = kernels.compress(weight, index_dtype)
         kind = "conv1d" if bool(Conv1D) and isinstance(module, Conv1D) else "linear"
@@ -93,8 +88,6 @@ class CSRLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense [out_features, in_features] tensor."""
-        from . import kernels
-
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
         rows = torch.repeat_interleave(
             torch.arange(self.out_features, device=self.values.device), self.crow_indices.diff().long()
@@ -117,11 +110,10 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "fast":
-            from . import kernels
-
-            return kernels.sparse_linear(
-                x, self.values, self.col_indices, self.crow_indices, self.bias, self.out_features, self.in_features
-            )
+            # the dicts directly: nn.Module.__getattr__ costs more than the kernel on small decode layers
+            buffers = self._buffers
+            return kernels.sparse_linear(x, buffers["values"], buffers["col_indices"], buffers["crow_indices"],
+                                         self._parameters.get("bias"), self.out_features, self.in_features)
         return self._torch_forward(x)
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
