@@ -248,11 +248,11 @@ inline int64_t byte_sum16(const uint8_t* p) {
   return static_cast<int64_t>((pairs * 0x0001000100010001ull) >> 48);
 }
 
-// x[xb + rel[i]] for the 16 lanes: a permute of the window xb[0, W) when every offset is
-// inside it (W = 32 or 64), else a gather (always for W = 0).
+// x[xb + rel[i]] for the 16 lanes, given span = rel[15] (the largest): a permute of the
+// window xb[0, W) when it holds them all (W = 32 or 64), else a gather (always for W = 0).
 template <int W>
-inline gvec window_or_gather(const float* xb, __m512i rel) {
-  if (W == 0 || _mm512_cmpge_epi32_mask(rel, _mm512_set1_epi32(W)) != 0) return _mm512_i32gather_ps(rel, xb, 4);
+inline gvec window_or_gather(const float* xb, __m512i rel, int64_t span) {
+  if (W == 0 || span >= W) return _mm512_i32gather_ps(rel, xb, 4);
   const gvec lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), rel, _mm512_loadu_ps(xb + 16));
   if (W == 32) return lo;
   const gvec hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32), rel, _mm512_loadu_ps(xb + 48));
@@ -268,14 +268,15 @@ inline float row_dot_delta(const V* v, const uint8_t* c, int64_t n, const float*
   gvec a0 = gzero(), a1 = gzero();
   int64_t k = 0, base = 0;
   for (; k + 16 <= n; k += 16) {
-    a0 = gfma(gload(v + k), window_or_gather<W>(x + base, delta_offsets(c + k, masks)), a0);
+    const int64_t span = byte_sum16(c + k);  // in scalar registers: the branch need not wait for the vector sums
+    a0 = gfma(gload(v + k), window_or_gather<W>(x + base, delta_offsets(c + k, masks), span), a0);
     std::swap(a0, a1);
-    base += byte_sum16(c + k);
+    base += span;
   }
   if (k < n) {  // masked-off deltas load as 0, so their lanes repeat the last offset; their values are 0
     const gmask m = tail_mask(n - k);
     const __m512i rel = prefix_sum16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, c + k)));
-    a0 = gfma(gload(v + k, m), window_or_gather<W>(x + base, rel), a0);
+    a0 = gfma(gload(v + k, m), window_or_gather<W>(x + base, rel, W == 0 ? 0 : _mm512_reduce_max_epi32(rel)), a0);
   }
   return gsum(gadd(a0, a1));
 }
