@@ -221,8 +221,8 @@ struct TriangleMasks {
   }
 };
 
-inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks& t) {
-  __m512i sum = _mm512_setzero_si512();
+inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks& t, int64_t start) {
+  __m512i sum = _mm512_set1_epi32(static_cast<int>(start));
   for (int g = 0; g < 4; ++g) {
     int32_t word;
     std::memcpy(&word, c + 4 * g, 4);
@@ -233,8 +233,9 @@ inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks& t) {
 #else
 struct TriangleMasks {};
 
-inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks&) {
-  return prefix_sum16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks&, int64_t start) {
+  const __m512i sums = prefix_sum16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+  return _mm512_add_epi32(sums, _mm512_set1_epi32(static_cast<int>(start)));
 }
 #endif
 
@@ -268,8 +269,10 @@ inline float row_dot_delta(const V* v, const uint8_t* c, int64_t n, const float*
   gvec a0 = gzero(), a1 = gzero();
   int64_t k = 0, base = 0;
   for (; k + 16 <= n; k += 16) {
+    // The 64-wide window starts at a 64-byte boundary (x is aligned): whole cache lines, no split loads.
     const int64_t span = byte_sum16(c + k);  // in scalar registers: the branch need not wait for the vector sums
-    a0 = gfma(gload(v + k), window_or_gather<W>(x + base, delta_offsets(c + k, masks), span), a0);
+    const int64_t skew = W == 64 ? base & 15 : 0;
+    a0 = gfma(gload(v + k), window_or_gather<W>(x + base - skew, delta_offsets(c + k, masks, skew), skew + span), a0);
     std::swap(a0, a1);
     base += span;
   }
