@@ -145,7 +145,9 @@ class Session:
             mode: ``masked`` (zeros in dense tensors, dense kernels), ``csr`` (pruned layers
                 replaced by :class:`CSRLinear`) or ``dense`` (same as :meth:`reset`).
             criterion: ``magnitude``, ``wanda`` or ``sparsegpt``.
-            scope: ``global``, ``layer`` or ``row``.
+            scope: ``global`` (one threshold over all layers), ``layer`` (the same fraction in
+                every layer) or ``row`` (the same fraction in every output row). SparseGPT takes
+                ``row`` or ``layer`` (the paper's mask: one threshold per block of columns).
             pattern: ``"2:4"`` / ``"4:8"``: keep N of every M weights along the input dimension.
             include / exclude: glob patterns on layer names (the head is pruned only if named).
             backend: CSR kernels, ``fast`` or ``torch`` (default: fastest available).

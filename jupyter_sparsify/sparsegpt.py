@@ -7,10 +7,12 @@ gives exactly the same result because the dampening is relative to ``mean(diag H
 
 Simplifications and choices, relative to the paper's reference code:
 
-* The unstructured mask is chosen per output row (the same fraction of every row), not with one
-  threshold over the whole block, so every row ends up with exactly
-  :func:`~jupyter_sparsify.criteria.prune_count` zeros (``sparsity * in`` rounded half up). Each
-  block gets its share of that count by cumulative rounding over the column boundaries.
+* Exact counts. With ``scope="layer"`` (the paper's mask selection) each block of columns is
+  pruned with one threshold on the saliency ``w² / d²`` over all its rows, so rows end up with
+  different counts; the block's quota is its cumulative share of the layer's
+  :func:`~jupyter_sparsify.criteria.prune_count` ``(out * in)``, so the layer loses exactly that
+  many. ``scope="row"`` (the default) chooses the mask per row, so every row loses exactly
+  ``prune_count(in)``.
 * Dead inputs (``H_jj == 0``: never nonzero on the calibration data) keep their weight and get
   saliency 0, so they are pruned first within their block's quota instead of being zeroed on top
   of it; no compensation flows through them.
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .criteria import check_nm, keep_top, prune_count, token_rows
+from .pruning import lowest_k_mask
 
 
 class HessianAccumulator:
@@ -52,6 +55,7 @@ def sparsegpt_prune(
     sparsity: float,
     *,
     nm: tuple[int, int] | None = None,
+    scope: str = "row",
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> Tensor:
@@ -60,21 +64,27 @@ def sparsegpt_prune(
     Args:
         weight: the layer weight in ``nn.Linear`` orientation; it is not modified.
         hessian: ``[in, in]``, any positive multiple of ``Σ x xᵀ`` (see module docstring).
-        sparsity: fraction pruned per row, unstructured; ignored when ``nm`` is given.
+        sparsity: fraction pruned, unstructured; ignored when ``nm`` is given.
         nm: ``(n, m)`` to keep ``n`` of every ``m`` consecutive inputs (e.g. ``(2, 4)``).
+        scope: ``"row"``: every row loses exactly :func:`prune_count` ``(in, sparsity)``;
+            ``"layer"``: the layer loses exactly ``prune_count(out * in, sparsity)``, each block's
+            mask chosen by one threshold over all its rows (the paper's choice), so rows differ.
         blocksize: width of the lazy-update blocks (rounded down to a multiple of ``m``).
         percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal.
 
     Returns:
         A new tensor, same shape, dtype and device as ``weight``.
     """
+    if scope not in ("row", "layer"):
+        raise ValueError(f"scope must be 'row' or 'layer' for SparseGPT; got {scope!r}")
     columns = weight.shape[1]
     if hessian.shape != (columns, columns):
         raise ValueError(f"hessian must be [{columns}, {columns}] for this weight; got {list(hessian.shape)}")
     if nm is not None:
         check_nm(columns, *nm)
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])
-    pruned_total = prune_count(columns, sparsity) if nm is None else 0
+    per_row = scope == "row"
+    pruned_total = 0 if nm is not None else prune_count(columns * (1 if per_row else weight.shape[0]), sparsity)
     if nm is None and pruned_total == 0:
         return weight.clone()
     hinv, dead = _inverse_hessian_factor(hessian.to(weight.device), percdamp)
@@ -83,7 +93,7 @@ def sparsegpt_prune(
         end = min(start + blocksize, columns)
         quota = _share(pruned_total, columns, end) - _share(pruned_total, columns, start)
         with _single_thread():  # the column sweep is many tiny ops: thread start-up would dominate
-            errors = _prune_block(w, hinv, dead, start, end, quota, nm)
+            errors = _prune_block(w, hinv, dead, start, end, quota, nm, per_row)
         w[:, end:] -= errors @ hinv[start:end, end:]
     return w.contiguous().to(weight.dtype)
 
@@ -120,20 +130,26 @@ def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, T
 
 
 def _share(total: int, columns: int, boundary: int) -> int:
-    """Pruned weights per row in columns ``[0, boundary)``: cumulative rounding, exact at the end."""
+    """Of ``total`` pruned weights, those in columns ``[0, boundary)``: cumulative rounding, exact at the end."""
     return (2 * total * boundary + columns) // (2 * columns)
 
 
 def _prune_block(
-    w: Tensor, hinv: Tensor, dead: Tensor, start: int, end: int, quota: int, nm: tuple[int, int] | None
+    w: Tensor, hinv: Tensor, dead: Tensor, start: int, end: int, quota: int, nm: tuple[int, int] | None,
+    per_row: bool = True,
 ) -> Tensor:
-    """Prune columns ``[start, end)`` of ``w`` in place with OBS updates; return the scaled errors."""
+    """Prune columns ``[start, end)`` of ``w`` in place with OBS updates; return the scaled errors.
+
+    ``quota`` weights are pruned per row (``per_row``) or in the whole block (one threshold).
+    """
     block, hinv_block, dead = w[:, start:end], hinv[start:end, start:end], dead[start:end]
     d = hinv_block.diagonal()
     errors = torch.zeros_like(block)  # column-major like ``block``
     prune = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
-    if nm is None:
+    if nm is None and per_row:
         prune = ~keep_top(_saliency(block, d, dead), block.shape[1] - quota)
+    elif nm is None:
+        prune = lowest_k_mask(_saliency(block, d, dead), quota)
     for i in range(block.shape[1]):
         if nm is not None and i % nm[1] == 0:
             group = slice(i, i + nm[1])

@@ -69,7 +69,8 @@ def _pruner(settings):
 
     def sparsegpt(layer: PrunableLayer, hessian: torch.Tensor) -> None:
         weight = weight_matrix(layer.module)
-        pruned = sparsegpt_prune(weight.detach(), hessian, settings.amount, nm=settings.pattern)
+        scope = "row" if settings.pattern else settings.scope  # a pattern fixes every row's count
+        pruned = sparsegpt_prune(weight.detach(), hessian, settings.amount, nm=settings.pattern, scope=scope)
         with torch.no_grad():
             weight.copy_(pruned)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -121,5 +123,19 @@ def test_sparsegpt_changes_the_kept_weights_and_reset_still_restores_them(tokeni
     pruned = model.model.layers[0].mlp.down_proj.weight
     kept = pruned != 0
     assert not torch.equal(pruned[kept], original[kept])  # the OBS update compensates
+    session.reset()
+    assert state_checksum(model) == before
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_sparsegpt_layer_scope_prunes_the_exact_count_of_every_layer(architecture, tokenizer):
+    model = tiny_model(architecture)
+    before = state_checksum(model)
+    session = Session(model, tokenizer)
+    session.set_calibration_texts(["The valley is quiet and the river bends.", "Sparse kernels need real zeros."] * 4)
+    session.apply(0.45, criterion="sparsegpt", scope="layer", progress=lambda *a: None)
+    table = session.layer_table()
+    total = table["shape"].map(lambda shape: math.prod(int(d) for d in shape.split("x")))
+    assert (total - table["nnz"] == total.map(lambda n: prune_count(n, 0.45))).all(), table
     session.reset()
     assert state_checksum(model) == before

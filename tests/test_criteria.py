@@ -22,6 +22,7 @@ from jupyter_sparsify.criteria import (
     row_keep_mask,
     wanda_scores,
 )
+from jupyter_sparsify.pruning import lowest_k_mask
 from jupyter_sparsify.sparsegpt import HessianAccumulator, sparsegpt_prune
 
 TEXTS = [
@@ -140,6 +141,32 @@ def test_sparsegpt_nm_pattern_and_quality(nm):
     assert ((pruned.reshape(64, -1, m) != 0).sum(dim=-1) == n).all()
     magnitude = weight * nm_keep_mask(magnitude_scores(weight), n, m)
     assert _relative_error(weight, pruned, x) < _relative_error(weight, magnitude, x)
+
+
+@pytest.mark.parametrize(("sparsity", "blocksize"), [(0.5, 128), (0.3, 32), (0.55, 48)])
+def test_sparsegpt_layer_scope_prunes_the_exact_layer_count_with_uneven_rows(sparsity, blocksize):
+    weight, x, hessian = _correlated_layer(5)
+    weight = weight * torch.linspace(0.2, 2.0, 64)[:, None]  # rows of very different scale
+    pruned = sparsegpt_prune(weight, hessian, sparsity, scope="layer", blocksize=blocksize)
+    per_row = (pruned == 0).sum(dim=1)
+    assert int(per_row.sum()) == prune_count(64 * 128, sparsity)
+    assert per_row[:8].float().mean() > per_row[-8:].float().mean()  # small rows lose more
+    magnitude = weight.masked_fill(lowest_k_mask(magnitude_scores(weight), prune_count(64 * 128, sparsity)), 0)
+    assert _relative_error(weight, pruned, x) < _relative_error(weight, magnitude, x)
+
+
+def test_sparsegpt_layer_scope_beats_row_scope_on_uneven_rows():
+    weight, x, hessian = _correlated_layer(6)
+    weight = weight * torch.linspace(0.2, 2.0, 64)[:, None]
+    row = sparsegpt_prune(weight, hessian, 0.5, scope="row")
+    layer = sparsegpt_prune(weight, hessian, 0.5, scope="layer")
+    assert _relative_error(weight, layer, x) < _relative_error(weight, row, x)
+
+
+def test_sparsegpt_rejects_an_unknown_scope():
+    weight, _, hessian = _correlated_layer(0)
+    with pytest.raises(ValueError, match="'row' or 'layer'"):
+        sparsegpt_prune(weight, hessian, 0.5, scope="global")
 
 
 def test_sparsegpt_keeps_input_dtype_and_does_not_modify_the_input():
