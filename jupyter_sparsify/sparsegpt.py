@@ -136,7 +136,7 @@ def _share(total: int, columns: int, boundary: int) -> int:
 
 def _prune_block(
     w: Tensor, hinv: Tensor, dead: Tensor, start: int, end: int, quota: int, nm: tuple[int, int] | None,
-    per_row: bool = True,
+    per_row: bool,
 ) -> Tensor:
     """Prune columns ``[start, end)`` of ``w`` in place with OBS updates; return the scaled errors.
 
