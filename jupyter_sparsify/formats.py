@@ -12,7 +12,7 @@ from .layers import Conv1D, weight_matrix
 
 BACKENDS = ("fast", "torch")
 _BUFFERS = ("values", "col_indices", "crow_indices")
-_INDEX_NAMES = {torch.uint8: "8-bit deltas", torch.int16: "uint16", torch.int32: "int32", torch.int64: "int64"}
+_INDEX_NAMES = {torch.uint8: "bitmap", torch.int16: "uint16", torch.int32: "int32", torch.int64: "int64"}
 
 
 def default_backend(device: torch.device | str = "cpu") -> str:
@@ -38,9 +38,9 @@ class CSRLinear(nn.Module):
 
     Storage: ``values`` (the weight's dtype), ``col_indices`` and ``crow_indices``. The
     ``torch`` backend keeps int32 indices and runs ``torch.sparse.mm`` (fp16/bf16 are computed
-    in fp32 on CPU, where torch has no half-precision CSR kernel); the ``fast`` backend keeps
-    8-bit delta-coded column indices (see :func:`~jupyter_sparsify.kernels.compress`; 16- or
-    32-bit absolute ones if those would be smaller) and runs this package's kernel.
+    in fp32 on CPU, where torch has no half-precision CSR kernel); the ``fast`` backend stores
+    the columns as a bitmap of one bit per weight (see :func:`~jupyter_sparsify.kernels.compress`;
+    16- or 32-bit indices per nonzero where those are smaller) and runs this package's kernel.
 
     Example:
         >>> sparse = CSRLinear.from_dense(model.model.layers[0].mlp.up_proj)
@@ -83,7 +83,7 @@ class CSRLinear(nn.Module):
 
     @property
     def nnz(self) -> int:
-        """Number of stored entries (with the 8-bit format, a few may be zero padding)."""
+        """Number of stored values."""
         return self.values.numel()
 
     def dense_weight(self) -> torch.Tensor:
@@ -92,7 +92,7 @@ class CSRLinear(nn.Module):
         rows = torch.repeat_interleave(
             torch.arange(self.out_features, device=self.values.device), self.crow_indices.diff().long()
         )
-        dense[rows, kernels.column_positions(self.col_indices, self.crow_indices)] = self.values
+        dense[rows, kernels.column_positions(self.col_indices, self.in_features)] = self.values
         return dense
 
     def to_dense(self) -> nn.Module:

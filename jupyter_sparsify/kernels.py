@@ -1,7 +1,7 @@
 """Sparse CPU kernels for pruned linear layers: CSR with compact column indices.
 
-Column indices are stored as 8-bit deltas (the gap to the previous nonzero of the row) where
-that is smallest, which is nearly always: a CSR nonzero then costs its value + 1 byte.
+Where the columns are stored as a bitmap (one bit per weight: 1/8 byte, below 94 % sparsity
+smaller than 16-bit indices), a CSR layer costs its nonzero values + in_features / 8 bytes per row.
 
 The kernel is a C++ torch extension compiled on first use (``torch.utils.cpp_extension``,
 needs a C++ compiler and ``ninja``) and cached under ``$JUPYTER_SPARSIFY_CACHE/kernels``
@@ -49,8 +49,7 @@ def _isa_cflags() -> list[str]:
         return []
     flags = _cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"} <= flags:
-        vnni = ["-mavx512vnni"] if "avx512_vnni" in flags else []
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c", *vnni]
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]
     if {"avx2", "fma", "f16c"} <= flags:
         return ["-mavx2", "-mfma", "-mf16c"]
     return []
@@ -122,14 +121,14 @@ def compress(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense ``[out, in]`` weight -> CSR ``(values, col_indices, row_ptr)`` without zeros.
 
-    ``index_dtype`` picks the column-index format:
+    ``index_dtype`` picks how the columns are stored:
 
-    * ``torch.uint8``: delta-coded, each entry's column minus the previous entry's column in
-      its row (the first entry's minus 0). A gap over 255 is bridged by explicit zero entries
-      (value 0, delta 255), so ``values`` may hold a few zeros; they are multiplied like any
-      other entry and counted in the storage.
-    * ``torch.int16`` (uint16 bit patterns, up to 65536 columns) or ``torch.int32``: absolute.
-    * ``None`` (default): whichever of uint8 deltas and :func:`index_dtype_for` takes fewer bytes.
+    * ``torch.uint8``: a bitmap, ``ceil(in / 64)`` little-endian 64-bit words per row (as bytes);
+      bit b of word j is set when column 64 j + b is nonzero, and the row's values follow
+      the set bits in column order.
+    * ``torch.int16`` (uint16 bit patterns, up to 65536 columns) or ``torch.int32``: one
+      absolute column index per nonzero.
+    * ``None`` (default): whichever of the bitmap and :func:`index_dtype_for` takes fewer bytes.
 
     Values keep the weight's dtype; row_ptr is int32 when the entry count fits, else int64.
     """
@@ -146,15 +145,27 @@ def compress(
     counts = mask.sum(dim=1)
     row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=weight.device)
     torch.cumsum(counts, dim=0, out=row_ptr[1:])
-    columns = _nonzero_columns(mask)
     values = weight[mask].contiguous()
-    if index_dtype in (None, torch.uint8):
-        gaps, padding = _gaps(columns, row_ptr)
-        delta_bytes = (values.numel() + int(padding.sum())) * (values.element_size() + 1)
-        if index_dtype == torch.uint8 or delta_bytes <= values.numel() * (values.element_size() + absolute.itemsize):
-            return _delta_coded(values, gaps, padding, row_ptr)
+    bitmap_bytes = out_features * bitmap_words(in_features) * 8
+    if index_dtype == torch.uint8 or (index_dtype is None and bitmap_bytes <= values.numel() * absolute.itemsize):
+        return values, _bitmap(mask), _row_ptr_dtype(row_ptr)
     # int32 -> int16 keeps the low 16 bits, so columns above 32767 become their uint16 bit patterns.
-    return values, columns.to(index_dtype or absolute), _row_ptr_dtype(row_ptr)
+    return values, _nonzero_columns(mask).to(index_dtype or absolute), _row_ptr_dtype(row_ptr)
+
+
+def bitmap_words(in_features: int) -> int:
+    """64-bit words per row of the bitmap column format."""
+    return (in_features + 63) // 64
+
+
+def _bitmap(mask: torch.Tensor) -> torch.Tensor:
+    """The rows of a boolean ``[out, in]`` mask as little-endian 64-bit words, flattened to uint8."""
+    out_features, in_features = mask.shape
+    bits = torch.zeros(out_features, bitmap_words(in_features) * 64, dtype=torch.uint8, device=mask.device)
+    bits[:, :in_features] = mask
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    packed = (bits.view(out_features, -1, 8) * weights).sum(dim=-1, dtype=torch.uint8)  # bytes, low bit first
+    return packed.reshape(-1).contiguous()
 
 
 def _nonzero_columns(mask: torch.Tensor) -> torch.Tensor:
@@ -165,47 +176,19 @@ def _nonzero_columns(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int32, device=mask.device)
 
 
-def _gaps(columns: torch.Tensor, row_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each entry's column minus the previous one in its row (0 before a row), and the zero
-    entries needed in front of it so that every delta fits in 8 bits."""
-    previous = torch.zeros_like(columns)
-    previous[1:] = columns[:-1]
-    starts = row_ptr[:-1][row_ptr[:-1] < row_ptr[1:]]  # first entry of each non-empty row
-    previous[starts] = 0
-    gaps = columns - previous
-    return gaps, (gaps - 1).clamp_(min=0) // 255
-
-
-def _delta_coded(
-    values: torch.Tensor, gaps: torch.Tensor, padding: torch.Tensor, row_ptr: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The uint8 delta layout: padding entries (value 0, delta 255) before long gaps."""
-    padding = padding.long()
-    slots = torch.cumsum(padding + 1, dim=0) - 1  # where each real entry lands
-    total = int(slots[-1]) + 1 if len(slots) else 0
-    deltas = torch.full((total,), 255, dtype=torch.uint8, device=values.device)
-    deltas[slots] = (gaps - 255 * padding).to(torch.uint8)
-    padded = torch.zeros(total, dtype=values.dtype, device=values.device)
-    padded[slots] = values
-    padding_before = torch.zeros(len(padding) + 1, dtype=torch.int64, device=values.device)
-    torch.cumsum(padding, dim=0, out=padding_before[1:])
-    return padded, deltas, _row_ptr_dtype(row_ptr + padding_before[row_ptr])
-
-
 def _row_ptr_dtype(row_ptr: torch.Tensor) -> torch.Tensor:
     return row_ptr.to(torch.int32) if int(row_ptr[-1]) < 2**31 else row_ptr
 
 
-def column_positions(col_indices: torch.Tensor, row_ptr: torch.Tensor) -> torch.Tensor:
+def column_positions(col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
     """The int64 column of every stored entry, whatever the index format of :func:`compress`."""
     if col_indices.dtype == torch.int16:
         return col_indices.long() & 0xFFFF
     if col_indices.dtype != torch.uint8:
         return col_indices.long()
-    running = torch.cumsum(col_indices, dim=0, dtype=torch.int64)
-    before = torch.cat([running.new_zeros(1), running])[row_ptr[:-1].long()]  # running sum before each row
-    counts = row_ptr.diff().long()
-    return running - torch.repeat_interleave(before, counts)
+    shifts = torch.arange(8, dtype=torch.uint8, device=col_indices.device)
+    bits = (col_indices.view(-1, bitmap_words(in_features) * 8, 1) >> shifts) & 1
+    return _nonzero_columns(bits.flatten(1)[:, :in_features].bool()).long()
 
 
 def sparse_linear(
@@ -221,8 +204,8 @@ def sparse_linear(
 
     Returns ``[..., out]`` in x's dtype, accumulating in fp32 (inference only: no autograd).
     Rows are split across torch's intra-op threads. One token streams the nonzeros once
-    (vector gathers, or permutes for dense rows); several tokens are tiled so each nonzero
-    is loaded once per tile of up to 64 tokens. The indices must be as :func:`compress`
+    (bitmap rows: 16 columns per vector expand; absolute indices: vector gathers); several
+    tokens are tiled so each nonzero is loaded once per tile of up to 64 tokens. The indices must be as :func:`compress`
     makes them (they are not bounds-checked per call).
     """
     if _module is None:

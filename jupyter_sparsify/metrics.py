@@ -126,11 +126,14 @@ def linear_compute(model: nn.Module, nonzeros: NonzeroCounts | None = None) -> L
 def csr_break_even(value_dtype: torch.dtype, index_dtype: torch.dtype) -> float:
     """Sparsity above which a CSR layer is smaller than the dense one (row pointers neglected).
 
-    Dense costs v bytes per weight; CSR costs v + i per nonzero, so CSR wins when the
-    density falls below v / (v + i): fp32 with int64 indices 67 %, int32 50 %, 16-bit 33 %,
-    8-bit deltas 20 % (plus their few zero padding entries, see ``kernels.compress``).
+    Dense costs v bytes per weight. With an index of i bytes per nonzero CSR costs v + i per
+    nonzero, so it wins when the density falls below v / (v + i): fp32 with int64 indices
+    67 %, int32 50 %, uint16 33 %. ``torch.uint8`` means the bitmap of ``kernels.compress``:
+    v per nonzero + 1/8 byte per weight, so CSR wins beyond 1 / (8 v) sparsity (fp32 3.1 %).
     """
     value_bytes = torch.empty(0, dtype=value_dtype).element_size()
+    if index_dtype == torch.uint8:
+        return 1.0 / (8 * value_bytes)
     index_bytes = torch.empty(0, dtype=index_dtype).element_size()
     return 1.0 - value_bytes / (value_bytes + index_bytes)
 

@@ -384,16 +384,14 @@ class Session:
         return sum(t.numel() * t.element_size() for t in self._originals.values())
 
     def break_even_table(self) -> pd.DataFrame:
-        """Sparsity above which a CSR layer is smaller than dense, per index width, at the model's dtype."""
+        """Sparsity above which a CSR layer is smaller than dense, per column format, at the model's dtype."""
         dtype = next(self.model.parameters()).dtype
-        rows = [
-            {"format": label, "bytes_per_nonzero": torch.empty(0, dtype=dtype).element_size()
-             + torch.empty(0, dtype=index).element_size(),
-             "break_even_sparsity": metrics.csr_break_even(dtype, index)}
-            for label, index in (("CSR int64 (torch default)", torch.int64), ("CSR int32 (backend torch)", torch.int32),
-                                 ("CSR uint16 (backend fast, scattered rows)", torch.int16),
-                                 ("CSR 8-bit deltas (backend fast)", torch.uint8))
-        ]
+        formats = (("CSR int64 (torch default)", torch.int64, "8 per nonzero"),
+                   ("CSR int32 (backend torch)", torch.int32, "4 per nonzero"),
+                   ("CSR uint16 (backend fast, sparsity > 15/16)", torch.int16, "2 per nonzero"),
+                   ("CSR bitmap (backend fast)", torch.uint8, "1/8 per weight"))
+        rows = [{"format": label, "index_bytes": cost, "break_even_sparsity": metrics.csr_break_even(dtype, index)}
+                for label, index, cost in formats]
         return pd.DataFrame(rows)
 
 

@@ -28,7 +28,7 @@ def test_the_seed_table_tells_the_truth(smol):
     torch.testing.assert_close(csr_logits, masked_logits, rtol=1e-3, atol=1e-2)  # fp32 sums in another order, 30 layers deep
     assert [dense["setup"], masked["setup"], csr["setup"]] == ["Dense", "Masked 30%", "CSR 30%"]
     assert list(smol.history["setup"])[-3:] == ["Dense", "Masked 30%", "CSR 30%"]
-    smol.apply(0.3, mode="csr")  # the fast backend: 8-bit delta indices, 5 bytes per nonzero
+    smol.apply(0.3, mode="csr")  # the fast backend: a bitmap, 1/8 byte per weight + 4 per nonzero
     fast = smol.measure()
     assert fast["size_mb"] < dense["size_mb"] < csr["size_mb"]
     assert fast["top1_match"] == masked["top1_match"]

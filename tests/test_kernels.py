@@ -53,41 +53,43 @@ def test_index_dtype_for() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_compress_layout(dtype: torch.dtype) -> None:
     weight = torch.tensor([[0.0, 1.5, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 4.0]], dtype=dtype)
-    values, cols, row_ptr = kernels.compress(weight)  # the default: 8-bit deltas, the smallest here
+    values, cols, row_ptr = kernels.compress(weight, torch.uint8)
     assert values.dtype == dtype and cols.dtype == torch.uint8 and row_ptr.dtype == torch.int32
     assert values.tolist() == [1.5, -2.0, 3.0, 4.0]
-    assert cols.tolist() == [1, 2, 0, 3]  # column minus the previous column of the row
+    assert cols.tolist() == [0b1010, 0, 0, 0, 0, 0, 0, 0] + [0] * 8 + [0b1001, 0, 0, 0, 0, 0, 0, 0]  # one word per row
     assert row_ptr.tolist() == [0, 2, 2, 4]
-    assert kernels.column_positions(cols, row_ptr).tolist() == [1, 3, 0, 3]
+    assert kernels.column_positions(cols, 4).tolist() == [1, 3, 0, 3]
     absolute = kernels.compress(weight, torch.int16)
     assert absolute[1].dtype == torch.int16 and absolute[1].tolist() == [1, 3, 0, 3]
+    assert kernels.column_positions(absolute[1], 4).tolist() == [1, 3, 0, 3]
     assert kernels.compress(weight, torch.int32)[1].dtype == torch.int32
 
 
-def test_delta_gaps_over_255_get_zero_padding() -> None:
-    """Gaps of 256 and more are bridged by (value 0, delta 255) entries; every stored column
-    decodes back, the real entries keep their values, and the layer still computes F.linear."""
-    weight = torch.zeros(4, 1200)
-    real = {0: [0, 255, 511, 512, 1199], 1: [300], 2: [], 3: [256, 766, 767]}
+def test_bitmap_rows_span_several_words() -> None:
+    """Columns on both sides of each 64-bit word boundary and in a last, partial word decode
+    back to the weight, and the layer still computes F.linear for one token and for many."""
+    weight = torch.zeros(4, 200)
+    real = {0: [0, 15, 16, 63, 64, 127, 128, 199], 1: [100], 2: [], 3: list(range(130, 200))}
     for row, cols in real.items():
         weight[row, cols] = torch.arange(1, len(cols) + 1, dtype=torch.float32)
-    values, deltas, row_ptr = kernels.compress(weight, torch.uint8)
-    columns = kernels.column_positions(deltas, row_ptr)
+    values, bitmap, row_ptr = kernels.compress(weight, torch.uint8)
+    assert bitmap.numel() == 4 * 4 * 8 and row_ptr.diff().tolist() == [8, 1, 0, 70]
     rows = torch.repeat_interleave(torch.arange(4), row_ptr.diff().long())
     rebuilt = torch.zeros_like(weight)
-    rebuilt[rows, columns] = values
+    rebuilt[rows, kernels.column_positions(bitmap, 200)] = values
     assert torch.equal(rebuilt, weight)
-    assert int(deltas.max()) == 255 and int((values == 0).sum()) == 3 + 1 + 2  # padding entries
-    assert row_ptr.diff().tolist() == [5 + 3, 1 + 1, 0, 3 + 2]
     for tokens in (1, 7, 40):
-        check(torch.randn(tokens, 1200), weight, torch.randn(4), torch.uint8)
+        check(torch.randn(tokens, 200), weight, torch.randn(4), torch.uint8)
 
 
 def test_default_index_format_is_the_smallest() -> None:
     scattered = torch.zeros(2, 70000)
-    scattered[:, ::5000] = 1.0  # gaps of 5000: 19 padding entries each, absolute int32 is smaller
+    scattered[:, ::5000] = 1.0  # 14 nonzeros per row: int32 indices are smaller than a 70000-bit bitmap
     assert kernels.compress(scattered)[1].dtype == torch.int32
     assert kernels.compress(random_weight(30, 70000, 0.9, torch.float32))[1].dtype == torch.uint8
+    # a bitmap costs 1/8 byte per weight, uint16 indices 2 bytes per nonzero: uint16 wins beyond 15/16 sparsity
+    assert kernels.compress(random_weight(64, 576, 0.97, torch.float32))[1].dtype == torch.int16
+    assert kernels.compress(random_weight(64, 576, 0.9, torch.float32))[1].dtype == torch.uint8
 
 
 def test_compress_rejects_bad_arguments() -> None:
@@ -139,8 +141,8 @@ def test_matches_dense(dtype: torch.dtype, shape: tuple[int, int], tokens: int, 
 @pytest.mark.parametrize("in_f", [13, 100, 576])
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 def test_one_token_at_every_row_density(dtype: torch.dtype, in_f: int, index_dtype: torch.dtype) -> None:
-    """One token picks a strategy per row from its density; rows of all densities, and rows
-    whose nonzeros crowd the last columns, must agree with dense."""
+    """Rows of all densities, and rows whose nonzeros crowd the last columns (the last rows of
+    the values use masked loads), must agree with dense for one token."""
     densities = torch.linspace(0.05, 1.0, 20)
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(len(densities) + 2, in_f, generator=gen)
@@ -209,13 +211,17 @@ def test_rejects_wrong_shapes() -> None:
         kernels.sparse_linear(torch.randn(2, 16), values, cols, row_ptr, None, 9, 16)
     with pytest.raises(RuntimeError):
         kernels.sparse_linear(torch.randn(2, 16), values, cols, row_ptr, torch.randn(3), 8, 16)
+    assert cols.dtype == torch.uint8
+    with pytest.raises(RuntimeError, match="64-bit words per row"):
+        kernels.sparse_linear(torch.randn(2, 16), values, cols[:-8], row_ptr, None, 8, 16)
+    with pytest.raises(RuntimeError, match="64-bit words per row"):  # not 8-byte aligned
+        kernels.sparse_linear(torch.randn(2, 16), values, torch.cat([cols[:1], cols])[1:], row_ptr, None, 8, 16)
 
 
-@pytest.mark.parametrize("isa", ["avx512-without-vnni", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_fallback_instruction_sets(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The code paths for CPUs without AVX-512 VNNI or AVX-512 agree with dense too."""
-    flags = {"avx512-without-vnni": [f for f in kernels._isa_cflags() if f != "-mavx512vnni"],
-             "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}[isa]
+    """The code paths for CPUs without AVX-512 agree with dense too."""
+    flags = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}[isa]
     monkeypatch.setattr(kernels, "_isa_cflags", lambda: flags)
     monkeypatch.setattr(kernels, "_module", None)
     kernels.ensure_compiled()

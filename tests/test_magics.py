@@ -71,7 +71,7 @@ def test_compare_sweeps_and_leaves_the_model_dense(shell, tiny):
     table = magic(shell, "compare tiny --amounts 0 0.3 0.5 --modes masked csr")
     assert list(table["setup"]) == ["Dense", "Masked 30%", "CSR 30%", "Masked 50%", "CSR 50%"]
     size = dict(zip(table["setup"], table["size_mb"]))
-    # 8-bit delta indices: a nonzero costs 5 bytes against dense's 4, so CSR breaks even at 20 %
+    # bitmap columns: 1/8 byte per weight + 4 per nonzero against dense's 4, so CSR breaks even at 3 %
     assert size["Dense"] == size["Masked 30%"] > size["CSR 30%"] > size["CSR 50%"]
     assert state_checksum(tiny) == before
 

@@ -1,8 +1,8 @@
 // CSR sparse linear layer y = x @ W.T + b for CPU, parallelised with at::parallel_for
 // (torch's own thread pool, no second OpenMP runtime). Values fp32/fp16/bf16, fp32
 // accumulation, row pointers int32 or int64, column indices one of:
-//   uint8  -- delta-coded: each entry is its column minus the previous entry's column in the
-//             row (the first minus 0); gaps over 255 are bridged by explicit zero entries;
+//   uint8  -- a bitmap: per row ceil(in / 64) little-endian 64-bit words, bit b of word j set
+//             when column 64 j + b holds the row's next value;
 //   uint16 -- absolute, stored as int16 bits;
 //   int32  -- absolute.
 #include <torch/extension.h>
@@ -22,7 +22,8 @@ namespace {
 constexpr int kLanes = 16;             // floats per token vector (one AVX-512 register)
 constexpr int64_t kL1Floats = 12288;   // 48 KiB: slice of packed x kept in L1 by the tiled path
 constexpr int64_t kPrefetch = 512;     // nonzeros prefetched ahead when streaming weights
-constexpr int64_t kPadding = 64;       // zero floats after x for the decode path's windows
+constexpr int64_t kPrefetchRows = 4;   // bitmap rows prefetched ahead
+constexpr int64_t kPadding = 64;       // zero floats after x: bitmap rows read x in whole words
 constexpr int64_t kMinWorkPerThread = 16384;  // nonzero x token products worth a thread
 constexpr int64_t kMaxChunkTokens = 256;     // tokens packed per pass (bounds the scratch buffer)
 
@@ -60,10 +61,22 @@ inline float to_float(at::Half v) {
 inline int64_t to_index(int16_t c) { return static_cast<uint16_t>(c); }
 inline int64_t to_index(int32_t c) { return c; }
 
-// Column of an entry from the previous entry's column: absolute formats ignore `previous`.
-inline int64_t next_col(int64_t, int16_t c) { return to_index(c); }
-inline int64_t next_col(int64_t, int32_t c) { return c; }
-inline int64_t next_col(int64_t previous, uint8_t delta) { return previous + delta; }
+// Column formats. position(row, first) is where a row's index data starts in the format's
+// own array (`first` = the row's first entry), used to prefetch it.
+template <typename I>
+struct Absolute {  // entry k's column is c[k]
+  const I* c;
+  const I* data() const { return c; }
+  int64_t position(int64_t, int64_t first) const { return first; }
+};
+
+struct Bitmap {  // nw words per row; a row's values follow its set bits in column order
+  const uint64_t* words;
+  int64_t nw;
+  const uint64_t* data() const { return words; }
+  int64_t position(int64_t row, int64_t) const { return row * nw; }
+  const uint64_t* row(int64_t r) const { return words + r * nw; }
+};
 
 // ------------------------------------------------------------ vector gathers (one token)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -115,7 +128,7 @@ inline gvec gather(const float* x, __m256i i) { return _mm256_i32gather_ps(x, i,
 #define SPARSE_HAVE_GATHER 1
 #endif
 
-// Dot product of one CSR row (n nonzeros) with the dense fp32 vector x.
+// Dot product of one CSR row (n nonzeros, absolute column indices) with the dense fp32 vector x.
 template <typename V, typename I>
 inline float row_dot(const V* v, const I* c, int64_t n, const float* x) {
   int64_t k = 0;
@@ -149,162 +162,40 @@ inline float row_dot(const V* v, const I* c, int64_t n, const float* x) {
   return sum + ((s0 + s1) + (s2 + s3));
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// row_dot for rows dense enough that 16 consecutive nonzeros usually span fewer than W
-// (32 or 64) columns: x[base, base + W) is loaded contiguously and permuted into place,
-// which is cheaper than a gather. Needs x readable up to x[in + 63] (zero padding).
-template <int W, typename V>
-inline float row_dot_window(const V* v, const int16_t* c, int64_t n, const float* x) {
-  gvec a0 = gzero(), a1 = gzero();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m512i idx = gindex(c + k);
-    const int64_t base = to_index(c[k]);
-    gvec xv;
-    if (to_index(c[k + 15]) - base < W) {
-      const __m512i rel = _mm512_sub_epi32(idx, _mm512_set1_epi32(static_cast<int>(base)));
-      const float* xb = x + base;
-      xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), rel, _mm512_loadu_ps(xb + 16));
-      if (W == 64) {
-        const gvec hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32), rel, _mm512_loadu_ps(xb + 48));
-        xv = _mm512_mask_blend_ps(_mm512_test_epi32_mask(rel, _mm512_set1_epi32(32)), xv, hi);
-      }
-    } else {
-      xv = gather(x, idx);
-    }
-    a0 = gfma(gload(v + k), xv, a0);
-    std::swap(a0, a1);
-  }
-  if (k < n) {
-    const gmask m = tail_mask(n - k);
-    a0 = gfma(gload(v + k, m), gather(x, gindex(c + k, m), m), a0);
-  }
-  return gsum(gadd(a0, a1));
-}
-
-// Picks the window width from the row's density (nonzeros per column).
+// Dot product of one bitmap row (words[j] bit b set: column 64 j + b holds the next value)
+// with x, which must be readable (zero-padded) up to x[64 * nw - 1]. With AVX-512 each 16
+// columns cost one load of values, one expand of their popcount first values into the set
+// lanes and one FMA against 16 contiguous x: no per-nonzero index work, no gather. Whole
+// 16-value loads may read past the row (not past v_end: the last rows use masked loads).
 template <typename V>
-inline float row_dot_any(const V* v, const int16_t* c, int64_t n, const float* x, int64_t in) {
-  if (n * 5 >= in * 3) return row_dot_window<32>(v, c, n, x);
-  if (n * 10 >= in * 3) return row_dot_window<64>(v, c, n, x);
-  return row_dot(v, c, n, x);
-}
-#endif
-
-template <typename V, typename I>
-inline float row_dot_any(const V* v, const I* c, int64_t n, const float* x, int64_t) {
-  return row_dot(v, c, n, x);
-}
-
+inline float row_dot(const V* v, const Bitmap& b, int64_t row, const float* x, const V* v_end) {
+  const uint64_t* words = b.row(row);
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// Inclusive prefix sum over the 16 int32 lanes.
-inline __m512i prefix_sum16(__m512i d) {
-  const __m512i z = _mm512_setzero_si512();
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 15));
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 14));
-  d = _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 12));
-  return _mm512_add_epi32(d, _mm512_alignr_epi32(d, z, 8));
-}
-
-// Column offsets of 16 delta-coded entries: lane i = c[0] + ... + c[i].
-#if defined(__AVX512VNNI__)
-// Four dot products (vpdpbusd) of the broadcast 4-byte groups with 0/1 masks: no shuffles.
-struct TriangleMasks {
-  __m512i group[4];
-  TriangleMasks() {
-    for (int g = 0; g < 4; ++g) {
-      alignas(64) int8_t bytes[64];
-      for (int i = 0; i < 16; ++i)
-        for (int j = 0; j < 4; ++j) bytes[4 * i + j] = 4 * g + j <= i ? 1 : 0;
-      group[g] = _mm512_load_si512(bytes);
+  const bool whole = v + 64 * b.nw <= v_end;  // the row holds at most 64 nw values
+  gvec acc[4] = {gzero(), gzero(), gzero(), gzero()};
+  for (int64_t j = 0; j < b.nw; ++j, x += 64) {
+    const uint64_t m = words[j];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const gmask lanes = static_cast<gmask>(m >> (16 * q));
+      const int n = __builtin_popcount(lanes);
+      const gvec values = whole ? gload(v) : gload(v, tail_mask(n));
+      acc[q] = gfma(_mm512_maskz_expand_ps(lanes, values), gload(x + 16 * q), acc[q]);
+      v += n;
     }
   }
-};
-
-inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks& t, int64_t start) {
-  __m512i sum = _mm512_set1_epi32(static_cast<int>(start));
-  for (int g = 0; g < 4; ++g) {
-    int32_t word;
-    std::memcpy(&word, c + 4 * g, 4);
-    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(word), t.group[g]);
-  }
-  return sum;
-}
+  return gsum(gadd(gadd(acc[0], acc[1]), gadd(acc[2], acc[3])));
 #else
-struct TriangleMasks {};
-
-inline __m512i delta_offsets(const uint8_t* c, const TriangleMasks&, int64_t start) {
-  const __m512i sums = prefix_sum16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-  return _mm512_add_epi32(sums, _mm512_set1_epi32(static_cast<int>(start)));
-}
-#endif
-
-// Sum of the 16 bytes at p, in scalar registers (keeps the vector shuffle port free).
-inline int64_t byte_sum16(const uint8_t* p) {
-  constexpr uint64_t kLow = 0x00FF00FF00FF00FFull;
-  uint64_t a, b;
-  std::memcpy(&a, p, 8);
-  std::memcpy(&b, p + 8, 8);
-  const uint64_t pairs = (a & kLow) + ((a >> 8) & kLow) + (b & kLow) + ((b >> 8) & kLow);  // 4 sums <= 1020
-  return static_cast<int64_t>((pairs * 0x0001000100010001ull) >> 48);
-}
-
-// x[xb + rel[i]] for the 16 lanes, given span = rel[15] (the largest): a permute of the
-// window xb[0, W) when it holds them all (W = 32 or 64), else a gather (always for W = 0).
-template <int W>
-inline gvec window_or_gather(const float* xb, __m512i rel, int64_t span) {
-  if (W == 0 || span >= W) return _mm512_i32gather_ps(rel, xb, 4);
-  const gvec lo = _mm512_permutex2var_ps(_mm512_loadu_ps(xb), rel, _mm512_loadu_ps(xb + 16));
-  if (W == 32) return lo;
-  const gvec hi = _mm512_permutex2var_ps(_mm512_loadu_ps(xb + 32), rel, _mm512_loadu_ps(xb + 48));
-  return _mm512_mask_blend_ps(_mm512_test_epi32_mask(rel, _mm512_set1_epi32(32)), lo, hi);
-}
-
-// row_dot for delta-coded columns: 16 deltas are widened and prefix-summed into offsets
-// from the running column `base`; x[base, base + W) is permuted into place when the 16
-// entries fit in the window, gathered otherwise. Needs x readable up to x[in + 63].
-template <int W, typename V>
-inline float row_dot_delta(const V* v, const uint8_t* c, int64_t n, const float* x) {
-  static const TriangleMasks masks;
-  gvec a0 = gzero(), a1 = gzero();
-  int64_t k = 0, base = 0;
-  for (; k + 16 <= n; k += 16) {
-    // The 64-wide window starts at a 64-byte boundary (x is aligned): whole cache lines, no split loads.
-    const int64_t span = byte_sum16(c + k);  // in scalar registers: the branch need not wait for the vector sums
-    const int64_t skew = W == 64 ? base & 15 : 0;
-    a0 = gfma(gload(v + k), window_or_gather<W>(x + base - skew, delta_offsets(c + k, masks, skew), skew + span), a0);
-    std::swap(a0, a1);
-    base += span;
-  }
-  if (k < n) {  // masked-off deltas load as 0, so their lanes repeat the last offset; their values are 0
-    const gmask m = tail_mask(n - k);
-    const __m512i rel = prefix_sum16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, c + k)));
-    a0 = gfma(gload(v + k, m), window_or_gather<W>(x + base, rel, W == 0 ? 0 : _mm512_reduce_max_epi32(rel)), a0);
-  }
-  return gsum(gadd(a0, a1));
-}
-
-template <typename V>
-inline float row_dot_any(const V* v, const uint8_t* c, int64_t n, const float* x, int64_t in) {
-  if (n * 5 >= in * 3) return row_dot_delta<32>(v, c, n, x);
-  if (n * 10 >= in * 3) return row_dot_delta<64>(v, c, n, x);
-  return row_dot_delta<0>(v, c, n, x);
-}
-#else
-template <typename V>
-inline float row_dot_any(const V* v, const uint8_t* c, int64_t n, const float* x, int64_t) {
   float s0 = 0.f, s1 = 0.f;
-  int64_t k = 0, col = 0;
-  for (; k + 2 <= n; k += 2) {
-    col += c[k];
-    s0 += to_float(v[k]) * x[col];
-    col += c[k + 1];
-    s1 += to_float(v[k + 1]) * x[col];
+  for (int64_t j = 0; j < b.nw; ++j, x += 64) {
+    for (uint64_t m = words[j]; m; m &= m - 1) {
+      s0 += to_float(*v++) * x[__builtin_ctzll(m)];
+      std::swap(s0, s1);
+    }
   }
-  if (k < n) s0 += to_float(v[k]) * x[col + c[k]];
   return s0 + s1;
-}
 #endif
+}
 
 // Software-prefetch the cache lines of p[done, until) and advance done.
 template <typename T>
@@ -312,18 +203,29 @@ inline void prefetch_until(const T* p, int64_t& done, int64_t until) {
   for (; done < until; done += 64 / sizeof(T)) __builtin_prefetch(p + done);
 }
 
+template <typename V, typename I>
+inline float row_dot(const V* v, const Absolute<I>& a, int64_t, int64_t first, int64_t n, const float* x, const V*) {
+  return row_dot(v + first, a.c + first, n, x);
+}
+
+template <typename V>
+inline float row_dot(const V* v, const Bitmap& b, int64_t row, int64_t first, int64_t, const float* x, const V* v_end) {
+  return row_dot(v + first, b, row, x, v_end);
+}
+
 // One token: y[r] = row r . x (+ bias) for rows [r0, r1). The weights are read once, so
-// the nonzeros are prefetched kPrefetch elements ahead, across row boundaries.
-template <typename V, typename I, typename P>
-void decode_rows(int64_t r0, int64_t r1, const V* v, const I* c, const P* rp, const float* x, int64_t in,
+// values are prefetched kPrefetch entries ahead and index data kPrefetchRows rows (bitmaps)
+// or kPrefetch entries (absolute indices) ahead, across row boundaries.
+template <typename V, typename C, typename P>
+void decode_rows(int64_t r0, int64_t r1, const V* v, const V* v_end, const C& cols, const P* rp, const float* x,
                  const float* bias, float* y) {
-  int64_t v_done = rp[r0], c_done = rp[r0];
+  int64_t v_done = rp[r0], c_done = cols.position(r0, rp[r0]);
   const int64_t last = rp[r1];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t ahead = std::min<int64_t>(last, rp[r + 1] + kPrefetch);
     prefetch_until(v, v_done, ahead);
-    prefetch_until(c, c_done, ahead);
-    y[r] = row_dot_any(v + rp[r], c + rp[r], rp[r + 1] - rp[r], x, in) + (bias ? bias[r] : 0.f);
+    prefetch_until(cols.data(), c_done, cols.position(std::min(r1, r + kPrefetchRows), ahead));
+    y[r] = row_dot(v, cols, r, rp[r], rp[r + 1] - rp[r], x, v_end) + (bias ? bias[r] : 0.f);
   }
 }
 
@@ -396,56 +298,91 @@ float* scratch(int slot, int64_t n) {
   return buffer.data_ptr<float>();
 }
 
+// acc[u] += v[e] * xb[column(e)] (a vector of TT tokens per column) for entries e < n,
+// spread over U independent accumulator sets.
+template <int NV, int U, typename V, typename Column>
+inline void accumulate(vfloat (&acc)[U][NV], const V* v, int64_t n, const Column& column, const float* xb) {
+  constexpr int TT = NV * kLanes;
+  int64_t k = 0;
+  for (; k + U <= n; k += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const vfloat w = splat(to_float(v[k + u]));
+      const float* xp = xb + column(k + u) * TT;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[u][j] += w * vload(xp + j * kLanes);
+    }
+  }
+  for (; k < n; ++k) {
+    const vfloat w = splat(to_float(v[k]));
+    const float* xp = xb + column(k) * TT;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[0][j] += w * vload(xp + j * kLanes);
+  }
+}
+
+// The entries of row r in columns [c0, c1), which start at entry k (before k1, the row's
+// end), accumulated into acc; returns how many there were. `columns` is scratch for c1 - c0
+// + 16 column numbers (c0 and c1 are multiples of 64, or c1 >= in).
+template <int NV, int U, typename V, typename I>
+inline int64_t accumulate_block(vfloat (&acc)[U][NV], const V* v, const Absolute<I>& a, int64_t, int64_t k,
+                                int64_t k1, int64_t, int64_t c1, int32_t*, const float* xb) {
+  const I* c = a.c + k;
+  const int64_t n = std::partition_point(c, a.c + k1, [c1](I col) { return to_index(col) < c1; }) - c;
+  accumulate<NV, U>(acc, v + k, n, [c](int64_t e) { return to_index(c[e]); }, xb);
+  return n;
+}
+
+template <int NV, int U, typename V>
+inline int64_t accumulate_block(vfloat (&acc)[U][NV], const V* v, const Bitmap& b, int64_t r, int64_t k,
+                                int64_t, int64_t c0, int64_t c1, int32_t* columns, const float* xb) {
+  const uint64_t* words = b.row(r);
+  int64_t n = 0;
+  for (int64_t j = c0 / 64; j < std::min<int64_t>(b.nw, (c1 + 63) / 64); ++j) {
+#if defined(__AVX512F__)
+    const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * j)),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 lanes = static_cast<__mmask16>(words[j] >> (16 * q));
+      const __m512i cols = _mm512_add_epi32(first, _mm512_set1_epi32(16 * q));
+      _mm512_storeu_si512(columns + n, _mm512_maskz_compress_epi32(lanes, cols));
+      n += __builtin_popcount(lanes);
+    }
+#else
+    for (uint64_t m = words[j]; m; m &= m - 1) columns[n++] = static_cast<int32_t>(64 * j + __builtin_ctzll(m));
+#endif
+  }
+  accumulate<NV, U>(acc, v + k, n, [columns](int64_t e) { return columns[e]; }, xb);
+  return n;
+}
+
 // Several tokens: y[t][r] = row r . x[t] (+ bias) for rows [r0, r1) and the chunk's tokens.
 // xt is [tiles, in, TT] (tokens innermost): each nonzero is loaded once per tile and
-// multiplied into NV vectors of tokens. Columns are swept in blocks whose slice of xt stays
-// in L1, keeping per-row partial sums in `partial` and a cursor per row (columns ascend
-// within a row; any order gives the same result, only slower). Finished rows are staged
-// 16 at a time and written to y transposed.
-template <int NV, typename V, typename I, typename P>
-void tiled_rows(int64_t r0, int64_t r1, const V* v, const I* c, const P* rp, const float* xt, int64_t in,
+// multiplied into NV vectors of tokens. Columns are swept in blocks (multiples of 64) whose
+// slice of xt stays in L1, keeping per-row partial sums in `partial` and each row's next
+// entry in `cursor`. Finished rows are staged 16 at a time and written to y transposed.
+template <int NV, typename V, typename C, typename P>
+void tiled_rows(int64_t r0, int64_t r1, const V* v, const C& cols, const P* rp, const float* xt, int64_t in,
                 int64_t tokens, int64_t out, const float* bias, float* y) {
   constexpr int TT = NV * kLanes;
   constexpr int U = NV >= 4 ? 2 : 8 / NV;  // independent accumulator sets
   const int64_t rows = r1 - r0, tiles = (tokens + TT - 1) / TT;
-  const int64_t blocks = (in * TT + kL1Floats - 1) / kL1Floats, block_cols = (in + blocks - 1) / blocks;
+  const int64_t blocks = (in * TT + kL1Floats - 1) / kL1Floats;
+  const int64_t block_cols = ((in + blocks - 1) / blocks + 63) / 64 * 64;
   vfloat* partial = reinterpret_cast<vfloat*>(scratch(1, rows * TT));
-  std::vector<int64_t> cursor(rows), column(rows);
+  std::vector<int64_t> cursor(rows);
+  std::vector<int32_t> columns(block_cols + kLanes);
   vfloat stage[kLanes][NV];
   for (int64_t b = 0; b < tiles; ++b) {
     const float* xb = xt + b * in * TT;
-    for (int64_t i = 0; i < rows; ++i) cursor[i] = rp[r0 + i], column[i] = 0;
-    for (int64_t cend = block_cols; cend - block_cols < in; cend += block_cols) {
-      const bool first = cend == block_cols, last = cend >= in;
+    for (int64_t i = 0; i < rows; ++i) cursor[i] = rp[r0 + i];
+    for (int64_t c0 = 0; c0 < in; c0 += block_cols) {
+      const bool first = c0 == 0, last = c0 + block_cols >= in;
       for (int64_t i = 0; i < rows; ++i) {
         vfloat acc[U][NV] = {};
-        int64_t k = cursor[i], col = column[i];
-        const int64_t k1 = rp[r0 + i + 1];
-        for (; k + U <= k1; k += U) {
-          int64_t cols[U];
-          int64_t next = col;
-#pragma GCC unroll 8
-          for (int u = 0; u < U; ++u) cols[u] = next = next_col(next, c[k + u]);
-          if (next >= cend) break;
-          col = next;
-#pragma GCC unroll 8
-          for (int u = 0; u < U; ++u) {
-            const vfloat w = splat(to_float(v[k + u]));
-            const float* xp = xb + cols[u] * TT;
-#pragma GCC unroll 8
-            for (int j = 0; j < NV; ++j) acc[u][j] += w * vload(xp + j * kLanes);
-          }
-        }
-        for (; k < k1; ++k) {
-          const int64_t next = next_col(col, c[k]);
-          if (next >= cend) break;
-          col = next;
-          const vfloat w = splat(to_float(v[k]));
-          const float* xp = xb + col * TT;
-#pragma GCC unroll 8
-          for (int j = 0; j < NV; ++j) acc[0][j] += w * vload(xp + j * kLanes);
-        }
-        cursor[i] = k, column[i] = col;
+        cursor[i] += accumulate_block<NV, U>(acc, v, cols, r0 + i, cursor[i], rp[r0 + i + 1], c0, c0 + block_cols,
+                                             columns.data(), xb);
         vfloat* dst = last ? stage[i % kLanes] : partial + i * NV;
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) {
@@ -485,28 +422,28 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<V>, Tag<I>, Tag<P>) for the value, column-index and row-pointer dtypes.
+// Calls f(Tag<V>, columns, Tag<P>) for the value dtype, the column format and the row-pointer dtype.
 template <typename F>
-void dispatch(const torch::Tensor& values, const torch::Tensor& cols, const torch::Tensor& rp, F&& f) {
-  auto with_index = [&](auto vt) {
-    auto with_ptr = [&](auto it) {
-      if (rp.scalar_type() == at::kInt) f(vt, it, Tag<int32_t>{});
-      else f(vt, it, Tag<int64_t>{});
+void dispatch(const torch::Tensor& values, const torch::Tensor& cols, const torch::Tensor& rp, int64_t in, F&& f) {
+  auto with_columns = [&](auto vt) {
+    auto with_ptr = [&](const auto& columns) {
+      if (rp.scalar_type() == at::kInt) f(vt, columns, Tag<int32_t>{});
+      else f(vt, columns, Tag<int64_t>{});
     };
-    if (cols.scalar_type() == at::kByte) with_ptr(Tag<uint8_t>{});
-    else if (cols.scalar_type() == at::kShort) with_ptr(Tag<int16_t>{});
-    else with_ptr(Tag<int32_t>{});
+    if (cols.scalar_type() == at::kByte) with_ptr(Bitmap{reinterpret_cast<const uint64_t*>(cols.data_ptr()), (in + 63) / 64});
+    else if (cols.scalar_type() == at::kShort) with_ptr(Absolute<int16_t>{cols.data_ptr<int16_t>()});
+    else with_ptr(Absolute<int32_t>{cols.data_ptr<int32_t>()});
   };
   switch (values.scalar_type()) {
-    case at::kFloat: return with_index(Tag<float>{});
-    case at::kHalf: return with_index(Tag<at::Half>{});
-    case at::kBFloat16: return with_index(Tag<at::BFloat16>{});
+    case at::kFloat: return with_columns(Tag<float>{});
+    case at::kHalf: return with_columns(Tag<at::Half>{});
+    case at::kBFloat16: return with_columns(Tag<at::BFloat16>{});
     default: TORCH_CHECK(false, "sparse_linear: values must be float32, float16 or bfloat16");
   }
 }
 
-template <typename V, typename I, typename P>
-void run(const V* v, const I* c, const P* rp, int64_t nnz, const float* x, int64_t tokens, int64_t in,
+template <typename V, typename C, typename P>
+void run(const V* v, const C& c, const P* rp, int64_t nnz, const float* x, int64_t tokens, int64_t in,
          int64_t out, const float* bias, float* y, int64_t nv) {
   const int64_t work = std::max<int64_t>(nnz, out) * std::min<int64_t>(tokens, kMaxChunkTokens);
   const int64_t parts = std::max<int64_t>(
@@ -517,7 +454,7 @@ void run(const V* v, const I* c, const P* rp, int64_t nnz, const float* x, int64
     std::memcpy(padded, x, in * sizeof(float));
     std::fill(padded + in, padded + in + kPadding, 0.f);
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) decode_rows(bounds[p], bounds[p + 1], v, c, rp, padded, in, bias, y);
+      for (int64_t p = p0; p < p1; ++p) decode_rows(bounds[p], bounds[p + 1], v, v + nnz, c, rp, padded, bias, y);
     });
     return;
   }
@@ -546,11 +483,17 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && cols.device().is_cpu() && row_ptr.device().is_cpu(),
               "sparse_linear: CPU tensors only");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "sparse_linear: x must be [..., ", in_features, "]");
-  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && cols.dim() == 1 && cols.is_contiguous() &&
-                  values.numel() == cols.numel(),
-              "sparse_linear: values and col_indices must be contiguous 1-D tensors of equal length");
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && cols.dim() == 1 && cols.is_contiguous(),
+              "sparse_linear: values and col_indices must be contiguous 1-D tensors");
   TORCH_CHECK(cols.scalar_type() == at::kByte || cols.scalar_type() == at::kShort || cols.scalar_type() == at::kInt,
-              "sparse_linear: col_indices must be uint8 (deltas), int16 (uint16 bits) or int32");
+              "sparse_linear: col_indices must be uint8 (a bitmap), int16 (uint16 bits) or int32");
+  if (cols.scalar_type() == at::kByte) {
+    TORCH_CHECK(cols.numel() == out_features * ((in_features + 63) / 64) * 8 &&
+                    reinterpret_cast<uintptr_t>(cols.data_ptr()) % 8 == 0,
+                "sparse_linear: a bitmap needs ceil(in_features / 64) 8-byte-aligned 64-bit words per row");
+  } else {
+    TORCH_CHECK(values.numel() == cols.numel(), "sparse_linear: values and col_indices must have equal length");
+  }
   TORCH_CHECK(cols.scalar_type() != at::kShort || in_features <= 65536,
               "sparse_linear: int16 col_indices need in_features <= 65536");
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.is_contiguous() && row_ptr.numel() == out_features + 1 &&
@@ -568,13 +511,12 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
   torch::Tensor y = at::empty({tokens, out_features}, x2.options());
   if (tokens > 0 && out_features > 0) {
     const int64_t nv = tokens <= 16 ? 1 : tokens <= 32 ? 2 : 4;  // token vectors per tile
-    dispatch(values, cols, row_ptr, [&](auto vt, auto it, auto pt) {
+    dispatch(values, cols, row_ptr, in_features, [&](auto vt, const auto& columns, auto pt) {
       using V = typename decltype(vt)::type;
-      using I = typename decltype(it)::type;
       using P = typename decltype(pt)::type;
       const P* rp = row_ptr.data_ptr<P>();
       TORCH_CHECK(rp[0] >= 0 && rp[out_features] <= values.numel(), "sparse_linear: row_ptr exceeds the values");
-      run(values.data_ptr<V>(), reinterpret_cast<const I*>(cols.data_ptr()), rp, values.numel(),
+      run(values.data_ptr<V>(), columns, rp, values.numel(),
           x2.data_ptr<float>(), tokens, in_features, out_features, b.defined() ? b.data_ptr<float>() : nullptr,
           y.data_ptr<float>(), nv);
     });
