@@ -166,25 +166,32 @@ inline float row_dot(const V* v, const I* c, int64_t n, const float* x) {
 // with x, which must be readable (zero-padded) up to x[64 * nw - 1]. With AVX-512 each 16
 // columns cost one load of values, one expand of their popcount first values into the set
 // lanes and one FMA against 16 contiguous x: no per-nonzero index work, no gather. Whole
-// 16-value loads may read past the row (not past v_end: the last rows use masked loads).
-template <typename V>
-inline float row_dot(const V* v, const Bitmap& b, int64_t row, const float* x, const V* v_end) {
-  const uint64_t* words = b.row(row);
+// 16-value loads (Whole) read past the row's values, so the last rows use masked loads.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  const bool whole = v + 64 * b.nw <= v_end;  // the row holds at most 64 nw values
+template <bool Whole, typename V>
+inline float bitmap_dot(const V* v, const uint64_t* words, const int64_t nw, const float* x) {
   gvec acc[4] = {gzero(), gzero(), gzero(), gzero()};
-  for (int64_t j = 0; j < b.nw; ++j, x += 64) {
+  for (int64_t j = 0; j < nw; ++j, x += 64) {
     const uint64_t m = words[j];
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
       const gmask lanes = static_cast<gmask>(m >> (16 * q));
       const int n = __builtin_popcount(lanes);
-      const gvec values = whole ? gload(v) : gload(v, tail_mask(n));
+      const gvec values = Whole ? gload(v) : gload(v, tail_mask(n));
       acc[q] = gfma(_mm512_maskz_expand_ps(lanes, values), gload(x + 16 * q), acc[q]);
       v += n;
     }
   }
   return gsum(gadd(gadd(acc[0], acc[1]), gadd(acc[2], acc[3])));
+}
+#endif
+
+template <typename V>
+inline float row_dot(const V* v, const Bitmap& b, int64_t row, const float* x, const V* v_end) {
+  const uint64_t* words = b.row(row);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (v + 64 * b.nw <= v_end) return bitmap_dot<true>(v, words, b.nw, x);  // a row holds <= 64 nw values
+  return bitmap_dot<false>(v, words, b.nw, x);
 #else
   float s0 = 0.f, s1 = 0.f;
   for (int64_t j = 0; j < b.nw; ++j, x += 64) {
