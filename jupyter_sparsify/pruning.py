@@ -120,19 +120,21 @@ def _apply_global(layers, score_of: ScoreFn, amount: float, progress: Progress |
     k = prune_count(total, amount)
     if k == 0:
         return
-    threshold, ties_to_take = _global_cutoff(layers, score_of, k, total)
+    threshold, ties_to_take, ties = _global_cutoff(layers, score_of, k, total)
+    take_all_ties = ties_to_take == ties  # the usual case: no tie to break, one comparison per weight
     for index, layer in enumerate(layers):
         scores = score_of(layer)
-        mask = scores < threshold
-        if ties_to_take:
+        mask = scores <= threshold if take_all_ties else scores < threshold
+        if ties_to_take and not take_all_ties:
             ties_to_take -= _take_ties(scores.reshape(-1), threshold, ties_to_take, mask.view(-1))
         with torch.no_grad():
             weight_matrix(layer.module).masked_fill_(mask, 0)
         _report(progress, index + 1, len(layers), layer.name)
 
 
-def _global_cutoff(layers, score_of: ScoreFn, k: int, total: int) -> tuple[torch.Tensor, int]:
-    """The exact k-th lowest score over all layers, and how many scores equal to it to prune.
+def _global_cutoff(layers, score_of: ScoreFn, k: int, total: int) -> tuple[torch.Tensor, int, int]:
+    """The exact k-th lowest score over all layers, how many scores equal to it to prune, and
+    how many there are.
 
     A random sample brackets the threshold; one pass then counts the scores below the bracket
     and keeps only those inside it, so no full copy of the scores is ever made. If the
@@ -149,7 +151,7 @@ def _global_cutoff(layers, score_of: ScoreFn, k: int, total: int) -> tuple[torch
         if below < k <= below + candidates.numel():
             threshold = candidates.kthvalue(k - below).values
             strictly_below = below + int((candidates < threshold).sum())
-            return threshold, k - strictly_below
+            return threshold, k - strictly_below, int((candidates == threshold).sum())
         if k <= below:
             low = torch.tensor(-math.inf)
         else:
