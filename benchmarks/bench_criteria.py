@@ -5,7 +5,7 @@ Wanda (per row) and SparseGPT (per row, and per layer: the paper's mask) at 30 /
 in one run, with the time each apply took (Wanda and SparseGPT calibrate block by block at every
 apply). With a pattern the scope does not matter, so SparseGPT's 2:4 runs once.
 
-    .venv/bin/python benchmarks/bench_criteria.py [--amounts 0.3 0.5 0.7] [--no-nm]
+    .venv/bin/python benchmarks/bench_criteria.py [--amounts 0.3 0.5 0.7] [--no-nm] [--methods sparsegpt:row]
 """
 
 from __future__ import annotations
@@ -29,14 +29,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--no-nm", action="store_true", help="skip the 2:4 pattern")
+    parser.add_argument("--methods", nargs="+", default=[f"{c}:{s}" for c, s in METHODS],
+                        help="criterion:scope pairs to run (default: all)")
     args = parser.parse_args()
+    methods = [tuple(method.split(":")) for method in args.methods]
     model, tokenizer = load_model()
     session = Session(model, tokenizer)
     print(f"calibration: {len(session.calibration_texts)} texts; evaluation: {len(session.texts)} texts, "
           f"{session.measure()['eval_tokens']} tokens")
     levels = [(amount, None) for amount in args.amounts] + ([] if args.no_nm else [(None, "2:4")])
     rows = []
-    for criterion, scope in METHODS:
+    for criterion, scope in methods:
         for amount, pattern in levels:
             if pattern and (criterion, scope) in SAME_UNDER_PATTERN:
                 continue
