@@ -22,7 +22,8 @@ One addition (``refit_steps``, on by default): the sweep compensates each pruned
 greedily, in column order, so once the mask is final the kept weights are not yet the best
 ones for it. They are refitted to the least-squares optimum of ``‖(W − Ŵ) X‖²`` per row (the
 mask fixed, the same dampened Hessian) by conjugate gradient started from the sweep's result.
-On SmolLM2-135M at 50 % this raised top-1 agreement on held-out text from 0.572 to about 0.61.
+On SmolLM2-135M at 50 % this raised top-1 agreement on held-out text from 0.572 to 0.608 (10
+steps; 30 steps and the exact per-row solve gave the same within noise).
 ``refit_steps=0`` gives the paper's result.
 """
 
@@ -65,7 +66,7 @@ def sparsegpt_prune(
     scope: str = "row",
     blocksize: int = 128,
     percdamp: float = 0.01,
-    refit_steps: int = 30,
+    refit_steps: int = 10,
 ) -> Tensor:
     """Return a pruned copy of ``weight`` ``[out, in]`` with the other weights compensated.
 
