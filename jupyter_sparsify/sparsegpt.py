@@ -124,13 +124,14 @@ def refit_kept_weights(weight: Tensor, pruned: Tensor, hessian: Tensor, steps: i
     residual = ((weight.float() - fitted) @ h) * keep  # minus the gradient, on the kept weights only
     direction = residual.clone()
     energy = residual.square().sum(dim=1, keepdim=True)
+    tiny = torch.finfo(h.dtype).tiny  # rows already at the optimum divide 0 by this, not by 0
     for _ in range(steps):
         curved = (direction @ h) * keep
-        step = energy / (direction * curved).sum(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+        step = energy / (direction * curved).sum(dim=1, keepdim=True).clamp_min(tiny)
         fitted += step * direction
         residual -= step * curved
         new_energy = residual.square().sum(dim=1, keepdim=True)
-        direction = residual + new_energy / energy.clamp_min(torch.finfo(h.dtype).tiny) * direction
+        direction = residual + new_energy / energy.clamp_min(tiny) * direction
         energy = new_energy
     return fitted
 

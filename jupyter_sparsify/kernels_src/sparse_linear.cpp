@@ -70,6 +70,8 @@ struct Absolute {  // entry k's column is c[k]
   int64_t position(int64_t, int64_t first) const { return first; }
 };
 
+inline int64_t bitmap_words(int64_t in) { return (in + 63) / 64; }  // 64-bit words per bitmap row
+
 struct Bitmap {  // nw words per row; a row's values follow its set bits in column order
   const uint64_t* words;
   int64_t nw;
@@ -187,8 +189,9 @@ inline float bitmap_dot(const V* v, const uint64_t* words, const int64_t nw, con
 #endif
 
 template <typename V>
-inline float row_dot(const V* v, const Bitmap& b, int64_t row, const float* x, const V* v_end) {
+inline float row_dot(const V* v, const Bitmap& b, int64_t row, int64_t first, int64_t, const float* x, const V* v_end) {
   const uint64_t* words = b.row(row);
+  v += first;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   if (v + 64 * b.nw <= v_end) return bitmap_dot<true>(v, words, b.nw, x);  // a row holds <= 64 nw values
   return bitmap_dot<false>(v, words, b.nw, x);
@@ -213,11 +216,6 @@ inline void prefetch_until(const T* p, int64_t& done, int64_t until) {
 template <typename V, typename I>
 inline float row_dot(const V* v, const Absolute<I>& a, int64_t, int64_t first, int64_t n, const float* x, const V*) {
   return row_dot(v + first, a.c + first, n, x);
-}
-
-template <typename V>
-inline float row_dot(const V* v, const Bitmap& b, int64_t row, int64_t first, int64_t, const float* x, const V* v_end) {
-  return row_dot(v + first, b, row, x, v_end);
 }
 
 // One token: y[r] = row r . x (+ bias) for rows [r0, r1). The weights are read once, so
@@ -345,7 +343,7 @@ inline int64_t accumulate_block(vfloat (&acc)[U][NV], const V* v, const Bitmap& 
                                 int64_t, int64_t c0, int64_t c1, int32_t* columns, const float* xb) {
   const uint64_t* words = b.row(r);
   int64_t n = 0;
-  for (int64_t j = c0 / 64; j < std::min<int64_t>(b.nw, (c1 + 63) / 64); ++j) {
+  for (int64_t j = c0 / 64; j < std::min(b.nw, bitmap_words(c1)); ++j) {
 #if defined(__AVX512F__)
     const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * j)),
                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -376,7 +374,7 @@ void tiled_rows(int64_t r0, int64_t r1, const V* v, const C& cols, const P* rp, 
   constexpr int U = NV >= 4 ? 2 : 8 / NV;  // independent accumulator sets
   const int64_t rows = r1 - r0, tiles = (tokens + TT - 1) / TT;
   const int64_t blocks = (in * TT + kL1Floats - 1) / kL1Floats;
-  const int64_t block_cols = ((in + blocks - 1) / blocks + 63) / 64 * 64;
+  const int64_t block_cols = bitmap_words((in + blocks - 1) / blocks) * 64;  // whole bitmap words
   vfloat* partial = reinterpret_cast<vfloat*>(scratch(1, rows * TT));
   std::vector<int64_t> cursor(rows);
   std::vector<int32_t> columns(block_cols + kLanes);
@@ -437,7 +435,7 @@ void dispatch(const torch::Tensor& values, const torch::Tensor& cols, const torc
       if (rp.scalar_type() == at::kInt) f(vt, columns, Tag<int32_t>{});
       else f(vt, columns, Tag<int64_t>{});
     };
-    if (cols.scalar_type() == at::kByte) with_ptr(Bitmap{reinterpret_cast<const uint64_t*>(cols.data_ptr()), (in + 63) / 64});
+    if (cols.scalar_type() == at::kByte) with_ptr(Bitmap{reinterpret_cast<const uint64_t*>(cols.data_ptr()), bitmap_words(in)});
     else if (cols.scalar_type() == at::kShort) with_ptr(Absolute<int16_t>{cols.data_ptr<int16_t>()});
     else with_ptr(Absolute<int32_t>{cols.data_ptr<int32_t>()});
   };
@@ -495,7 +493,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
   TORCH_CHECK(cols.scalar_type() == at::kByte || cols.scalar_type() == at::kShort || cols.scalar_type() == at::kInt,
               "sparse_linear: col_indices must be uint8 (a bitmap), int16 (uint16 bits) or int32");
   if (cols.scalar_type() == at::kByte) {
-    TORCH_CHECK(cols.numel() == out_features * ((in_features + 63) / 64) * 8 &&
+    TORCH_CHECK(cols.numel() == out_features * bitmap_words(in_features) * 8 &&
                     reinterpret_cast<uintptr_t>(cols.data_ptr()) % 8 == 0,
                 "sparse_linear: a bitmap needs ceil(in_features / 64) 8-byte-aligned 64-bit words per row");
   } else {
