@@ -23,12 +23,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .batching import Batch, padded_batches
 from .criteria import InputNormAccumulator
 from .sparsegpt import HessianAccumulator
 
 Progress = Callable[[int, int, str], None]
 Stat = Literal["norms", "hessians"]
-Batch = tuple[Tensor, Tensor]  # input_ids [batch, seq], attention_mask [batch, seq]
 
 
 def default_calibration_texts() -> list[str]:
@@ -155,20 +155,11 @@ class _StopForward(Exception):
 
 
 def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int, device: torch.device) -> list[Batch]:
-    """Tokenize, drop empty texts, and right-pad into ``(input_ids, attention_mask)`` batches."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    encoded = sorted((ids for ids in encoded if ids), key=len, reverse=True)
-    if not encoded:
+    """Tokenize, drop empty texts, and right-pad into ``(input_ids, attention_mask)`` batches on ``device``."""
+    batches = padded_batches(tokenizer, texts, max_length=max_length, max_batch=batch_size)
+    if not batches:
         raise ValueError("The calibration texts are empty: nothing to calibrate on")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = len(chunk[0])
-        ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in chunk], device=device)
-        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in chunk], device=device)
-        batches.append((ids, mask))
-    return batches
+    return [(ids.to(device), mask.to(device)) for ids, mask in batches]
 
 
 def _accumulators(

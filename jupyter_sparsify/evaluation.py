@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .batching import padded_batches
+
 MAX_LENGTH = 128
 BATCH_SIZE = 8
 
@@ -33,14 +35,9 @@ class CorpusResult:
 
 
 def encode_corpus(tokenizer, texts: list[str], *, max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE) -> EncodedCorpus:
-    """Tokenize ``texts`` into right-padded batches (the mask keeps padding out of every metric)."""
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
-        )
-        batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
-    return EncodedCorpus(tuple(batches))
+    """Tokenize ``texts`` into right-padded batches of similar length (the mask keeps padding out of every metric)."""
+    batches = padded_batches(tokenizer, texts, max_length=max_length, max_batch=batch_size)
+    return EncodedCorpus(tuple({"input_ids": ids, "attention_mask": mask} for ids, mask in batches))
 
 
 def check_vocabulary(model: nn.Module, corpus: EncodedCorpus) -> None:

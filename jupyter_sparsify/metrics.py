@@ -18,6 +18,9 @@ from .formats import CSRLinear
 from .layers import is_linear_like
 
 MIB = 2**20
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+_COUNT_CHUNK = 1 << 18
 
 
 def distinct_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -52,8 +55,22 @@ class NonzeroCounts:
     def __call__(self, tensor: torch.Tensor) -> int:
         key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if key not in self._counts:
-            self._counts[key] = int(torch.count_nonzero(tensor))
+            self._counts[key] = count_nonzero(tensor)
         return self._counts[key]
+
+
+def count_nonzero(tensor: torch.Tensor) -> int:
+    """Entries of ``tensor`` that are not zero (``-0.0`` is zero).
+
+    Float tensors on the CPU are read as same-width integers shifted left by one, which drops the
+    sign bit: only ±0.0 become 0. That is 2-4x faster than ``torch.count_nonzero`` on floats.
+    """
+    as_int = _SAME_WIDTH_INT.get(tensor.dtype)
+    if as_int is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return int(torch.count_nonzero(tensor))
+    flat = tensor.reshape(-1).view(as_int)
+    return sum(int(torch.count_nonzero(flat[start : start + _COUNT_CHUNK] << 1))
+               for start in range(0, flat.numel(), _COUNT_CHUNK))
 
 
 @dataclass(frozen=True)
