@@ -102,7 +102,7 @@ def _latency_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--criterion", default="magnitude", help="magnitude, wanda or sparsegpt")
+    parser.add_argument("--criterion", default="magnitude", help="magnitude, wanda, sparsegpt or admm")
     parser.add_argument("--scope", default="global", help="global, layer or row")
     parser.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (keeps 2 of every 4 weights)")
 
@@ -124,7 +124,7 @@ class SparsifyMagics(Magics):
         Subcommands (``%sparsify SUBCOMMAND --help`` for each)::
 
             %sparsify load [SOURCE] [--as MODEL,TOKENIZER] [--dtype float32|float16|bfloat16]
-            %sparsify prune MODEL --amount 0.3 [--mode masked|csr] [--criterion magnitude|wanda|sparsegpt]
+            %sparsify prune MODEL --amount 0.3 [--mode masked|csr] [--criterion magnitude|wanda|sparsegpt|admm]
                                   [--scope global|layer|row] [--pattern 2:4] [--include GLOB..] [--exclude GLOB..]
             %sparsify stats MODEL [--latency]
             %sparsify layers MODEL

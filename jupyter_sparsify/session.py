@@ -144,7 +144,7 @@ class Session:
                 may be left out (2:4 fixes it at 0.5).
             mode: ``masked`` (zeros in dense tensors, dense kernels), ``csr`` (pruned layers
                 replaced by :class:`CSRLinear`) or ``dense`` (same as :meth:`reset`).
-            criterion: ``magnitude``, ``wanda`` or ``sparsegpt``.
+            criterion: ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``.
             scope: ``global`` (one threshold over all layers), ``layer`` (the same fraction in
                 every layer) or ``row`` (the same fraction in every output row). SparseGPT takes
                 ``row`` or ``layer`` (the paper's mask: one threshold per block of columns).

@@ -146,9 +146,12 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The dampened ``H + damp I`` (float64), the upper Cholesky factor of its inverse
-    (float32) and the dead-input mask."""
+def dampened_hessian(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``H + damp I`` in float64, its lower Cholesky factor, and the dead-input mask (``H_jj == 0``).
+
+    Dead inputs get diagonal 1 first; ``damp`` starts at ``percdamp * mean(diag H)`` over the live
+    inputs and grows tenfold while rounding leaves the matrix not positive definite.
+    """
     h = hessian.detach().double().clone()
     diag = h.diagonal()
     dead = diag == 0
@@ -156,15 +159,21 @@ def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, T
         raise ValueError("The Hessian is all zero: no calibration token reached this layer")
     damp = percdamp * diag[~dead].mean()
     diag[dead] = 1.0
-    for _ in range(6):  # raise the dampening if rounding left H not positive definite
+    for _ in range(6):
         damped = h + damp * torch.eye(len(h), dtype=h.dtype, device=h.device)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            break
+            return damped, factor, dead
         damp = damp * 10
-    else:
-        raise ValueError("The Hessian is not positive definite even after dampening")
-    inverse_factor = torch.linalg.solve_triangular(factor, torch.eye(len(h), dtype=h.dtype, device=h.device), upper=False)
+    raise ValueError("The Hessian is not positive definite even after dampening")
+
+
+def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The dampened ``H + damp I`` (float64), the upper Cholesky factor of its inverse
+    (float32) and the dead-input mask."""
+    damped, factor, dead = dampened_hessian(hessian, percdamp)
+    identity = torch.eye(len(damped), dtype=damped.dtype, device=damped.device)
+    inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False)
     hinv = torch.linalg.cholesky(inverse_factor.T @ inverse_factor, upper=True)  # cholesky_inverse is ~15x slower on CPU
     return damped, hinv.float(), dead
 

@@ -1,8 +1,8 @@
-"""Criteria applied to a model's layers: magnitude, Wanda and SparseGPT, with their calibration.
+"""Criteria applied to a model's layers: magnitude, Wanda, SparseGPT and ADMM, with their calibration.
 
-Wanda and SparseGPT run as in their papers, block by block: the statistics of block i are taken
-on the outputs of blocks < i *after* those were pruned, so later layers see (and, for SparseGPT,
-compensate) the errors of earlier ones. Wanda with the global scope compares all layers at once,
+Wanda, SparseGPT and ADMM (on SparseGPT's Hessians) run as in their papers, block by block: the
+statistics of block i are taken on the outputs of blocks < i *after* those were pruned, so later
+layers see (and, for SparseGPT and ADMM, compensate) the errors of earlier ones. Wanda with the global scope compares all layers at once,
 so it takes its input norms from the dense model in one pass instead.
 """
 
@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .admm import admm_prune
 from .calibration import Calibrator
 from .criteria import magnitude_scores, wanda_scores
 from .layers import PrunableLayer, weight_matrix
@@ -19,16 +20,17 @@ from .progress import Progress
 from .pruning import prune_in_place
 from .sparsegpt import sparsegpt_prune
 
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
+CRITERIA = ("magnitude", "wanda", "sparsegpt", "admm")
+_FROM_HESSIANS = ("sparsegpt", "admm")
 
 
 def validate_criterion(criterion: str, scope: str, pattern: tuple[int, int] | None) -> str:
     """Check the criterion name and that it can work with the scope."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
-    if criterion == "sparsegpt" and scope == "global" and pattern is None:
+    if criterion in _FROM_HESSIANS and scope == "global" and pattern is None:
         raise ValueError(
-            "criterion 'sparsegpt' rebuilds each layer from its own Hessian, so one global threshold "
+            f"criterion {criterion!r} rebuilds each layer from its own Hessian, so one global threshold "
             "across layers does not apply: use scope='row' (or 'layer'), or a pattern such as 2:4"
         )
     return criterion
@@ -56,7 +58,7 @@ def prune_with_criterion(
             for name, statistic in stats.items():
                 prune(by_name[name], statistic)
 
-        want = "norms" if settings.criterion == "wanda" else "hessians"
+        want = "hessians" if settings.criterion in _FROM_HESSIANS else "norms"
         calibrator.sequential([(layer.name, layer.module) for layer in layers], want, on_block, report)
 
 
@@ -67,11 +69,12 @@ def _pruner(settings):
         prune_in_place([layer], lambda _: wanda_scores(weight_matrix(layer.module), norm), amount=settings.amount,
                        scope=settings.scope, pattern=settings.pattern)
 
-    def sparsegpt(layer: PrunableLayer, hessian: torch.Tensor) -> None:
+    def from_hessian(layer: PrunableLayer, hessian: torch.Tensor) -> None:
         weight = weight_matrix(layer.module)
         scope = "row" if settings.pattern else settings.scope  # a pattern fixes every row's count
-        pruned = sparsegpt_prune(weight.detach(), hessian, settings.amount, nm=settings.pattern, scope=scope)
+        algorithm = admm_prune if settings.criterion == "admm" else sparsegpt_prune
+        pruned = algorithm(weight.detach(), hessian, settings.amount, nm=settings.pattern, scope=scope)
         with torch.no_grad():
             weight.copy_(pruned)
 
-    return {"wanda": wanda, "sparsegpt": sparsegpt}.get(settings.criterion)
+    return {"wanda": wanda, "sparsegpt": from_hessian, "admm": from_hessian}.get(settings.criterion)

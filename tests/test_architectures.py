@@ -97,7 +97,7 @@ def test_half_precision_csr_runs_on_cpu(dtype, backend, tokenizer):
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt", "admm"])
 @pytest.mark.parametrize("mode", ["masked", "csr"])
 def test_every_criterion_in_both_modes_then_reset_bit_exact(architecture, criterion, mode, tokenizer):
     model = tiny_model(architecture)

@@ -37,6 +37,7 @@ def pruned_session(tokenizer):
         ({"amount": 0.3, "include": "*.mlp.*"}, TypeError, "list of glob patterns"),
         ({"amount": 0.3, "mode": "csr", "backend": "cusparse"}, ValueError, "backend must be one of"),
         ({"amount": 0.3, "criterion": "sparsegpt", "scope": "global"}, ValueError, "scope='row'"),
+        ({"amount": 0.3, "criterion": "admm", "scope": "global"}, ValueError, "scope='row'"),
     ],
 )
 def test_bad_apply_arguments_change_nothing(pruned_session, kwargs, error, words):
