@@ -16,6 +16,7 @@ from jupyter_sparsify.calibration import (
 )
 from jupyter_sparsify.criteria import (
     InputNormAccumulator,
+    keep_top,
     magnitude_scores,
     nm_keep_mask,
     prune_count,
@@ -89,6 +90,20 @@ def test_nm_keep_mask_keeps_exactly_n_of_every_m(n, m):
 def test_nm_keep_mask_breaks_ties_deterministically():
     mask = nm_keep_mask(torch.ones(2, 8), 2, 4)
     assert mask.tolist() == [[True, True, False, False] * 2] * 2
+
+
+@pytest.mark.parametrize("levels", [None, 3])
+def test_keep_top_keeps_the_highest_and_gives_ties_to_the_lower_index(levels):
+    """The same mask as a stable descending sort: distinct scores, or only 3 distinct values (many ties)."""
+    g = torch.Generator().manual_seed(levels or 0)
+    if levels is None:
+        scores = torch.randn(40, 3, 37, generator=g)
+    else:
+        scores = torch.randint(levels, (40, 3, 37), generator=g).float()
+    for keep in (0, 1, 18, 36, 37):
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        expected = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order[..., :keep], True)
+        assert torch.equal(keep_top(scores, keep), expected), keep
 
 
 def test_nm_keep_mask_rejects_bad_widths_and_patterns():
