@@ -69,7 +69,7 @@ def admm_prune(
     if nm is not None:
         check_nm(columns, *nm)
         sparsity = 1.0 - nm[0] / nm[1]
-    if sparsity == 0.0 or (nm is None and prune_count(columns * (1 if scope == "row" else rows), sparsity) == 0):
+    if nm is None and prune_count(columns * (1 if scope == "row" else rows), sparsity) == 0:
         return weight.clone()
     damped, _, dead = dampened_hessian(hessian.to(weight.device), percdamp)
     eigenvalues, eigenvectors = (t.float() for t in torch.linalg.eigh(damped))

@@ -2,8 +2,9 @@
 
 Wanda, SparseGPT and ADMM (on SparseGPT's Hessians) run as in their papers, block by block: the
 statistics of block i are taken on the outputs of blocks < i *after* those were pruned, so later
-layers see (and, for SparseGPT and ADMM, compensate) the errors of earlier ones. Wanda with the global scope compares all layers at once,
-so it takes its input norms from the dense model in one pass instead.
+layers see (and, for SparseGPT and ADMM, compensate) the errors of earlier ones. Wanda with the
+global scope compares all layers at once, so it takes its input norms from the dense model in one
+pass instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .pruning import prune_in_place
 from .sparsegpt import sparsegpt_prune
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt", "admm")
-_FROM_HESSIANS = ("sparsegpt", "admm")
+_FROM_HESSIANS = {"sparsegpt": sparsegpt_prune, "admm": admm_prune}  # per-layer algorithms on Hessians
 
 
 def validate_criterion(criterion: str, scope: str, pattern: tuple[int, int] | None) -> str:
@@ -43,7 +44,6 @@ def prune_with_criterion(
     calibrator: Calibrator,
 ) -> None:
     """Prune ``layers`` of the (dense) model in place as ``settings`` (a ``PruneSettings``) says."""
-    prune = _pruner(settings)
     if settings.criterion == "magnitude":
         prune_in_place(layers, lambda layer: magnitude_scores(weight_matrix(layer.module)), amount=settings.amount,
                        scope=settings.scope, pattern=settings.pattern, progress=report)
@@ -52,7 +52,7 @@ def prune_with_criterion(
         prune_in_place(layers, lambda layer: wanda_scores(weight_matrix(layer.module), norms[layer.name]),
                        amount=settings.amount, scope="global", progress=report)
     else:
-        by_name = {layer.name: layer for layer in layers}
+        prune, by_name = _pruner(settings), {layer.name: layer for layer in layers}
 
         def on_block(index: int, stats: dict[str, torch.Tensor]) -> None:
             for name, statistic in stats.items():
@@ -63,7 +63,7 @@ def prune_with_criterion(
 
 
 def _pruner(settings):
-    """How one layer is pruned from its calibration statistic."""
+    """How one layer is pruned from its calibration statistic (Wanda's norms or a Hessian)."""
 
     def wanda(layer: PrunableLayer, norm: torch.Tensor) -> None:
         prune_in_place([layer], lambda _: wanda_scores(weight_matrix(layer.module), norm), amount=settings.amount,
@@ -72,9 +72,9 @@ def _pruner(settings):
     def from_hessian(layer: PrunableLayer, hessian: torch.Tensor) -> None:
         weight = weight_matrix(layer.module)
         scope = "row" if settings.pattern else settings.scope  # a pattern fixes every row's count
-        algorithm = admm_prune if settings.criterion == "admm" else sparsegpt_prune
+        algorithm = _FROM_HESSIANS[settings.criterion]
         pruned = algorithm(weight.detach(), hessian, settings.amount, nm=settings.pattern, scope=scope)
         with torch.no_grad():
             weight.copy_(pruned)
 
-    return {"wanda": wanda, "sparsegpt": from_hessian, "admm": from_hessian}.get(settings.criterion)
+    return wanda if settings.criterion == "wanda" else from_hessian
