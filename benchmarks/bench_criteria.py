@@ -6,6 +6,8 @@ run, with the time each apply took (Wanda, SparseGPT and ADMM calibrate block by
 apply). With a pattern the scope does not matter, so SparseGPT's and ADMM's 2:4 run once each.
 
     .venv/bin/python benchmarks/bench_criteria.py [--amounts 0.3 0.5 0.7] [--no-nm] [--methods sparsegpt:row]
+
+A method ``admm+recon:row`` adds block reconstruction (``reconstruct=True``) to the criterion.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main() -> None:
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--no-nm", action="store_true", help="skip the 2:4 pattern")
     parser.add_argument("--methods", nargs="+", default=[f"{c}:{s}" for c, s in METHODS],
-                        help="criterion:scope pairs to run (default: all)")
+                        help="criterion:scope pairs to run (default: all); criterion+recon adds block reconstruction")
     args = parser.parse_args()
     methods = [tuple(method.split(":")) for method in args.methods]
     model, tokenizer = load_model()
@@ -40,15 +42,17 @@ def main() -> None:
           f"{session.measure()['eval_tokens']} tokens")
     levels = [(amount, None) for amount in args.amounts] + ([] if args.no_nm else [(None, "2:4")])
     rows = []
-    for criterion, scope in methods:
+    for method, scope in methods:
+        criterion, _, extra = method.partition("+")
         for amount, pattern in levels:
             if pattern and (criterion, scope) in SAME_UNDER_PATTERN:
                 continue
             start = time.perf_counter()
-            session.apply(amount, mode="masked", criterion=criterion, scope=scope, pattern=pattern, progress=silent)
+            session.apply(amount, mode="masked", criterion=criterion, scope=scope, pattern=pattern,
+                          reconstruct=extra == "recon", progress=silent)
             seconds = time.perf_counter() - start
             row = session.measure()
-            rows.append({"criterion": criterion, "scope": scope if not pattern else "",
+            rows.append({"criterion": method, "scope": scope if not pattern else "",
                          "level": pattern or f"{amount:.0%}", "top1_match": row["top1_match"],
                          "perplexity": row["perplexity"], "apply_s": seconds})
             print(rows[-1], flush=True)

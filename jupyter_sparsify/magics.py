@@ -105,6 +105,8 @@ def _method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--criterion", default="magnitude", help="magnitude, wanda, sparsegpt or admm")
     parser.add_argument("--scope", default="global", help="global, layer or row")
     parser.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (keeps 2 of every 4 weights)")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="after each block is pruned, tune its kept weights to reproduce the dense block")
 
 
 @magics_class
@@ -125,7 +127,8 @@ class SparsifyMagics(Magics):
 
             %sparsify load [SOURCE] [--as MODEL,TOKENIZER] [--dtype float32|float16|bfloat16]
             %sparsify prune MODEL --amount 0.3 [--mode masked|csr] [--criterion magnitude|wanda|sparsegpt|admm]
-                                  [--scope global|layer|row] [--pattern 2:4] [--include GLOB..] [--exclude GLOB..]
+                                  [--scope global|layer|row] [--pattern 2:4] [--reconstruct]
+                                  [--include GLOB..] [--exclude GLOB..]
             %sparsify stats MODEL [--latency]
             %sparsify layers MODEL
             %sparsify compare MODEL --amounts 0 0.3 0.5 0.7 [--modes masked csr] [--latency]
@@ -172,7 +175,7 @@ class SparsifyMagics(Magics):
     def _prune(self, args):
         session = self._session(args)
         session.apply(args.amount, mode=args.mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
-                      include=args.include, exclude=args.exclude, backend=args.backend)
+                      include=args.include, exclude=args.exclude, backend=args.backend, reconstruct=args.reconstruct)
         return pd.DataFrame([session.measure(latency=args.latency, repeats=args.repeats)])
 
     def _stats(self, args):
@@ -198,7 +201,7 @@ class SparsifyMagics(Magics):
             rows.append(session.measure(latency=args.latency, repeats=args.repeats))
             for amount, mode in tqdm(plan, desc="compare"):
                 session.apply(amount, mode=mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
-                              progress=silent)
+                              reconstruct=args.reconstruct, progress=silent)
                 rows.append(session.measure(latency=args.latency, repeats=args.repeats))
         finally:
             session.reset()

@@ -41,6 +41,8 @@ class Panel(widgets.VBox):
         self.criterion = widgets.Dropdown(options=CRITERIA, value="magnitude", description="Criterion")
         self.scope = widgets.Dropdown(options=SCOPES, value="global", description="Scope")
         self.pattern = widgets.Dropdown(options=PATTERNS, value="unstructured", description="Pattern")
+        self.reconstruct = widgets.Checkbox(value=False, description="reconstruct blocks (slower, closer to dense)",
+                                            indent=False)
         self.latency = widgets.Checkbox(value=False, description="measure latency (vs dense, same run)", indent=False)
         self.apply_button = widgets.Button(description="Apply", button_style="primary", icon="play")
         self.reset_button = widgets.Button(description="Reset", icon="undo")
@@ -60,7 +62,7 @@ class Panel(widgets.VBox):
         tabs.set_title(1, "Layers")
         controls = widgets.VBox([
             widgets.HBox([self.amount, self.mode]),
-            widgets.HBox([self.criterion, self.scope, self.pattern]),
+            widgets.HBox([self.criterion, self.scope, self.pattern, self.reconstruct]),
             widgets.HBox([self.latency, self.apply_button, self.reset_button, self.export_button]),
             widgets.HBox([self.progress, self.status]),
         ])
@@ -89,7 +91,7 @@ class Panel(widgets.VBox):
                     self.status.value = "Preparing the sparse kernel (compiled once on first use, then cached)…"
                 self.session.apply(
                     None if pattern else self.amount.value, mode=self.mode.value, criterion=self.criterion.value,
-                    scope=self.scope.value, pattern=pattern, progress=self._report,
+                    scope=self.scope.value, pattern=pattern, reconstruct=self.reconstruct.value, progress=self._report,
                 )
             return self._measure()
 
@@ -155,7 +157,7 @@ class Panel(widgets.VBox):
         self.status.value = message
 
     def _set_enabled(self, enabled: bool) -> None:
-        for control in (self.amount, self.mode, self.criterion, self.scope, self.pattern, self.latency,
+        for control in (self.amount, self.mode, self.criterion, self.scope, self.pattern, self.reconstruct, self.latency,
                         self.apply_button, self.reset_button, self.export_button):
             control.disabled = not enabled
 

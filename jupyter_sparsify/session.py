@@ -42,6 +42,7 @@ class PruneSettings:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     backend: str | None = None
+    reconstruct: bool = False
 
     @property
     def label(self) -> str:
@@ -52,6 +53,8 @@ class PruneSettings:
         extras = [] if self.criterion == "magnitude" else [self.criterion]
         if self.scope != "global" and not self.pattern:
             extras.append(self.scope)
+        if self.reconstruct:
+            extras.append("+recon")
         return " ".join([{"masked": "Masked", "csr": "CSR"}[self.mode], level, *extras])
 
 
@@ -135,6 +138,7 @@ class Session:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         backend: str | None = None,
+        reconstruct: bool = False,
         progress: Progress | None = None,
     ) -> PruneSettings:
         """Prune the model in place, starting from the dense original.
@@ -151,13 +155,16 @@ class Session:
             pattern: ``"2:4"`` / ``"4:8"``: keep N of every M weights along the input dimension.
             include / exclude: glob patterns on layer names (the head is pruned only if named).
             backend: CSR kernels, ``fast`` or ``torch`` (default: fastest available).
+            reconstruct: after each block is pruned, tune its kept weights so that it reproduces
+                the dense block on the calibration texts (Wanda per row/layer, SparseGPT, ADMM;
+                float32 models). Slower (2 more epochs per block), closer to dense.
             progress: ``progress(done, total, message)``; default a tqdm bar.
 
         Returns:
             The validated settings now in force. Bad input raises before anything changes;
             an error or interrupt during the work puts the model back as it was.
         """
-        settings = self._validate(amount, mode, criterion, scope, pattern, include, exclude, backend)
+        settings = self._validate(amount, mode, criterion, scope, pattern, include, exclude, backend, reconstruct)
         layers = self._layers_for(settings)
         previous = self.settings
         try:
@@ -174,7 +181,8 @@ class Session:
         """Put back the dense original: same module types, ``state_dict`` bit-exact."""
         self._restore_dense()
 
-    def _validate(self, amount, mode, criterion, scope, pattern, include, exclude, backend) -> PruneSettings:
+    def _validate(self, amount, mode, criterion, scope, pattern, include, exclude, backend,
+                  reconstruct: bool = False) -> PruneSettings:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         parsed = parse_pattern(pattern)
@@ -190,15 +198,21 @@ class Session:
         settings = PruneSettings(
             amount=validate_amount(amount),
             mode=mode,
-            criterion=validate_criterion(criterion, validate_scope(scope), parsed),
+            criterion=validate_criterion(criterion, validate_scope(scope), parsed, bool(reconstruct)),
             scope=scope,
             pattern=parsed,
             include=_patterns(include, "include"),
             exclude=_patterns(exclude, "exclude"),
             backend=validate_backend(backend, _device_of(self.model)) if mode == "csr" else None,
+            reconstruct=bool(reconstruct),
         )
         if mode == "dense":
             return DENSE
+        if settings.reconstruct and next(self.model.parameters()).dtype != torch.float32:
+            raise ValueError(
+                f"reconstruct trains the kept weights, which needs a float32 model; this one is "
+                f"{next(self.model.parameters()).dtype}: load it with dtype float32, or leave reconstruct off"
+            )
         if mode == "csr":
             self._check_csr_possible(self._layers_for(settings))
         return settings

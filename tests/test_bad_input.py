@@ -38,6 +38,9 @@ def pruned_session(tokenizer):
         ({"amount": 0.3, "mode": "csr", "backend": "cusparse"}, ValueError, "backend must be one of"),
         ({"amount": 0.3, "criterion": "sparsegpt", "scope": "global"}, ValueError, "scope='row'"),
         ({"amount": 0.3, "criterion": "admm", "scope": "global"}, ValueError, "scope='row'"),
+        ({"amount": 0.3, "reconstruct": True}, ValueError, "calibrates block by block"),
+        ({"amount": 0.3, "criterion": "wanda", "scope": "global", "reconstruct": True}, ValueError,
+         "calibrates block by block"),
     ],
 )
 def test_bad_apply_arguments_change_nothing(pruned_session, kwargs, error, words):
