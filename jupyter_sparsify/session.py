@@ -304,7 +304,7 @@ class Session:
         row = {
             "setup": settings.label,
             "mode": settings.mode,
-            "criterion": settings.criterion if settings.mode != "dense" else "",
+            "criterion": settings.criterion + ("+recon" if settings.reconstruct else "") if settings.mode != "dense" else "",
             "scope": settings.scope if settings.mode != "dense" and not settings.pattern else "",
             "pattern": f"{settings.pattern[0]}:{settings.pattern[1]}" if settings.pattern else "",
             "amount": settings.amount,

@@ -76,6 +76,14 @@ def test_compare_sweeps_and_leaves_the_model_dense(shell, tiny):
     assert state_checksum(tiny) == before
 
 
+def test_prune_with_block_reconstruction(shell, tiny):
+    existing_session(tiny).set_calibration_texts(["The valley is quiet and the river bends."] * 4)
+    row = magic(shell, "prune tiny --amount 0.5 --criterion wanda --scope row --reconstruct")
+    assert row.loc[0, "setup"] == "Masked 50% wanda row +recon" and row.loc[0, "criterion"] == "wanda+recon"
+    assert abs(row.loc[0, "sparsity_prunable"] - 0.5) < 1e-6
+    magic(shell, "reset tiny")
+
+
 def test_corpus_cell_changes_later_measurements(shell, tiny):
     shell.run_cell_magic("sparsify", "corpus", "The valley is quiet.\nThe river bends slowly.\n")
     assert existing_session(tiny).texts == ["The valley is quiet.", "The river bends slowly."]
@@ -97,6 +105,7 @@ def test_corpus_cell_changes_later_measurements(shell, tiny):
         ("prune tiny --amount lots", "invalid float value"),
         ("prune tiny --amount 0.3 --mode sparse", "invalid choice"),
         ("prune tiny --amount 0.3 --criterion random", "criterion must be one of"),
+        ("prune tiny --amount 0.3 --reconstruct", "calibrates block by block"),
         ("prune tiny --amount 0.3 --include '*.nothing'", "matches no linear layer"),
         ("load --as onlyone", "--as takes two variable names"),
         ("load /no/such/model.gguf", "GGUF file not found"),

@@ -48,6 +48,16 @@ def test_apply_with_a_pattern_and_reset(panel):
     assert list(panel.session.history["setup"]) == ["Dense", "Masked 2:4", "Dense"]
 
 
+def test_the_reconstruct_checkbox_reaches_the_session_and_gets_its_own_curve(panel):
+    panel.session.set_calibration_texts(["The valley is quiet and the river bends.", "Sparse kernels need zeros."] * 3)
+    panel.criterion.value, panel.scope.value = "wanda", "row"
+    panel.amount.value = 0.5
+    panel.reconstruct.value = True
+    panel.apply_button.click()
+    assert panel.session.settings.reconstruct and list(panel.session.history["criterion"]) == ["", "wanda", "wanda+recon"]
+    assert len(panel.charts.curves.data["xs"]) == 2 and "+recon" in panel.table.value
+
+
 def test_a_failure_shows_in_the_panel_and_changes_nothing(panel):
     panel.amount.value = 0.3
     before = state_checksum(panel.session.model)

@@ -65,6 +65,7 @@ def test_apply_with_reconstruction_keeps_exact_counts_and_resets_bit_exact(archi
     assert settings.reconstruct and "+recon" in settings.label and "+recon" not in plain.label
     table = session.layer_table()
     assert (table["sparsity"] - 0.5).abs().max() < 1e-9, table
+    assert session.measure()["criterion"] == f"{criterion}+recon"  # its own curve in the charts
     changed = [name for name, t in model.state_dict().items() if not torch.equal(t, plain_weights[name])]
     assert changed and all(name.endswith("weight") for name in changed)
     session.reset()
