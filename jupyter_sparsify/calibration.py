@@ -10,7 +10,8 @@ Two routes:
   has pruned them, so later layers compensate for the errors of earlier ones.
 
 Padding never counts: texts are right-padded and only positions with attention mask 1 are used.
-The model's weights are never changed (except by the callback of :func:`collect_sequential`).
+The model's weights are never changed (except by the callback of :func:`collect_sequential`, and by
+its block reconstruction when asked for).
 """
 
 from __future__ import annotations

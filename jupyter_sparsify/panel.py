@@ -41,8 +41,11 @@ class Panel(widgets.VBox):
         self.criterion = widgets.Dropdown(options=CRITERIA, value="magnitude", description="Criterion")
         self.scope = widgets.Dropdown(options=SCOPES, value="global", description="Scope")
         self.pattern = widgets.Dropdown(options=PATTERNS, value="unstructured", description="Pattern")
-        self.reconstruct = widgets.Checkbox(value=False, description="reconstruct blocks (slower, closer to dense)",
-                                            indent=False)
+        self.reconstruct = widgets.Checkbox(
+            value=False, description="reconstruct blocks", indent=False,
+            tooltip="after each block is pruned, tune its kept weights to reproduce the dense block (Wanda "
+                    "row/layer, SparseGPT, ADMM): slower, closer to dense",
+        )
         self.latency = widgets.Checkbox(value=False, description="measure latency (vs dense, same run)", indent=False)
         self.apply_button = widgets.Button(description="Apply", button_style="primary", icon="play")
         self.reset_button = widgets.Button(description="Reset", icon="undo")
