@@ -1,9 +1,10 @@
 """Which criterion keeps the model's behaviour: top-1 agreement and perplexity on the evaluation corpus.
 
 Runs on the embedded SmolLM2-135M: magnitude (global, the course notebook's method, and per row),
-Wanda (per row), SparseGPT and ADMM (per row, and per layer) at 30 / 50 / 70 % and 2:4, in one
-run, with the time each apply took (Wanda, SparseGPT and ADMM calibrate block by block at every
-apply). With a pattern the scope does not matter, so SparseGPT's and ADMM's 2:4 run once each.
+Wanda (per row), SparseGPT and ADMM (per row, and per layer), and ADMM per row with block
+reconstruction, at 30 / 50 / 70 % and 2:4, in one run, with the time each apply took (Wanda,
+SparseGPT and ADMM calibrate block by block at every apply). With a pattern the scope does not
+matter, so SparseGPT's and ADMM's 2:4 run once each.
 
     .venv/bin/python benchmarks/bench_criteria.py [--amounts 0.3 0.5 0.7] [--no-nm] [--methods sparsegpt:row]
 
@@ -23,7 +24,7 @@ from jupyter_sparsify.session import Session
 
 METHODS = (
     ("magnitude", "global"), ("magnitude", "row"), ("wanda", "row"), ("sparsegpt", "row"), ("sparsegpt", "layer"),
-    ("admm", "row"), ("admm", "layer"),
+    ("admm", "row"), ("admm", "layer"), ("admm+recon", "row"),
 )
 SAME_UNDER_PATTERN = {("sparsegpt", "layer"), ("admm", "layer")}  # a pattern fixes every row's count: same as row
 
