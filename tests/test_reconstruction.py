@@ -37,13 +37,14 @@ def test_reconstruction_brings_the_pruned_block_closer_and_keeps_its_zeros(archi
         for weight in weights:
             weight.mul_(row_keep_mask(magnitude_scores(weight), 0.5))
     zeros = [weight == 0 for weight in weights]
+    dense_state = state_checksum(dense)
     before = _block_error(block, dense, inputs, masks)
     reconstruct_block(block, dense, inputs, masks, weights, epochs=3, learning_rate=1e-3)
     after = _block_error(block, dense, inputs, masks)
     assert after < 0.9 * before, (before, after)
     assert all(torch.equal(weight == 0, zero) for weight, zero in zip(weights, zeros))
     assert all(weight.grad is None for weight in weights)
-    assert state_checksum(dense) == state_checksum(copy.deepcopy(dense))  # the dense copy is only read
+    assert state_checksum(dense) == dense_state  # the dense copy is only read
 
 
 def test_reconstruction_refuses_half_precision_weights():
