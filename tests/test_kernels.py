@@ -152,6 +152,22 @@ def test_one_token_at_every_row_density(dtype: torch.dtype, in_f: int, index_dty
     check(torch.randn(1, in_f).to(dtype), (weight * mask).to(dtype), torch.randn(len(weight)), index_dtype)
 
 
+@pytest.mark.parametrize("out_f,in_f", [(1, 40000), (2, 40000), (3, 20000), (5, 9000), (6, 64)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_one_token_with_few_rows_per_thread(out_f: int, in_f: int, threads: int, index_dtype: torch.dtype) -> None:
+    """Decoding splits each thread's rows into interleaved streams: ranges of zero, one or a
+    few rows per stream (long rows, so that several threads take part) must agree with dense.
+    Positive inputs: a sum of 28 000 terms of mixed signs may cancel below the error bound."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weight = random_weight(out_f, in_f, 0.3, torch.float32).abs()
+        check(torch.rand(1, in_f), weight, torch.rand(out_f), index_dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tokens", [1, 16, 70])
 def test_all_zero_rows_and_matrix(tokens: int) -> None:
     weight = random_weight(64, 96, 0.3, torch.float32)

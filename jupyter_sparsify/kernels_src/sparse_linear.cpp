@@ -23,6 +23,7 @@ constexpr int kLanes = 16;             // floats per token vector (one AVX-512 r
 constexpr int64_t kL1Floats = 12288;   // 48 KiB: slice of packed x kept in L1 by the tiled path
 constexpr int64_t kPrefetch = 512;     // nonzeros prefetched ahead when streaming weights
 constexpr int64_t kPrefetchRows = 4;   // bitmap rows prefetched ahead
+constexpr int kStreams = 2;            // interleaved row ranges per thread when decoding
 constexpr int64_t kPadding = 64;       // zero floats after x: bitmap rows read x in whole words
 constexpr int64_t kMinWorkPerThread = 16384;  // nonzero x token products worth a thread
 constexpr int64_t kMaxChunkTokens = 256;     // tokens packed per pass (bounds the scratch buffer)
@@ -218,19 +219,32 @@ inline float row_dot(const V* v, const Absolute<I>& a, int64_t, int64_t first, i
   return row_dot(v + first, a.c + first, n, x);
 }
 
-// One token: y[r] = row r . x (+ bias) for rows [r0, r1). The weights are read once, so
-// values are prefetched kPrefetch entries ahead and index data kPrefetchRows rows (bitmaps)
-// or kPrefetch entries (absolute indices) ahead, across row boundaries.
+// One token: y[r] = row r . x (+ bias) for rows [r0, r1). The range is read as kStreams
+// interleaved parts (row i of each part in turn): independent streams of weights keep more
+// memory requests in flight, and the core gets independent rows to overlap. The weights are
+// read once, so each part prefetches its values kPrefetch entries ahead and its index data
+// kPrefetchRows rows (bitmaps) or kPrefetch entries (absolute indices) ahead.
 template <typename V, typename C, typename P>
 void decode_rows(int64_t r0, int64_t r1, const V* v, const V* v_end, const C& cols, const P* rp, const float* x,
                  const float* bias, float* y) {
-  int64_t v_done = rp[r0], c_done = cols.position(r0, rp[r0]);
-  const int64_t last = rp[r1];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t ahead = std::min<int64_t>(last, rp[r + 1] + kPrefetch);
-    prefetch_until(v, v_done, ahead);
-    prefetch_until(cols.data(), c_done, cols.position(std::min(r1, r + kPrefetchRows), ahead));
-    y[r] = row_dot(v, cols, r, rp[r], rp[r + 1] - rp[r], x, v_end) + (bias ? bias[r] : 0.f);
+  int64_t lo[kStreams], hi[kStreams], v_done[kStreams], c_done[kStreams], longest = 0;
+  for (int k = 0; k < kStreams; ++k) {
+    lo[k] = r0 + (r1 - r0) * k / kStreams;
+    hi[k] = r0 + (r1 - r0) * (k + 1) / kStreams;
+    v_done[k] = rp[lo[k]];
+    c_done[k] = cols.position(lo[k], rp[lo[k]]);
+    longest = std::max(longest, hi[k] - lo[k]);
+  }
+  for (int64_t i = 0; i < longest; ++i) {
+#pragma GCC unroll 2
+    for (int k = 0; k < kStreams; ++k) {
+      const int64_t r = lo[k] + i;
+      if (r >= hi[k]) continue;
+      const int64_t ahead = std::min<int64_t>(rp[hi[k]], rp[r + 1] + kPrefetch);
+      prefetch_until(v, v_done[k], ahead);
+      prefetch_until(cols.data(), c_done[k], cols.position(std::min(hi[k], r + kPrefetchRows), ahead));
+      y[r] = row_dot(v, cols, r, rp[r], rp[r + 1] - rp[r], x, v_end) + (bias ? bias[r] : 0.f);
+    }
   }
 }
 
@@ -507,13 +521,15 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == out_features, "sparse_linear: bias must have out_features entries");
-    b = bias->to(at::kFloat).contiguous();
+    b = (bias->scalar_type() == at::kFloat ? *bias : bias->to(at::kFloat)).contiguous();
   }
-  const torch::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const bool fp32 = x.scalar_type() == at::kFloat;  // skip no-op conversions: decode calls are short
+  const torch::Tensor flat = x.reshape({-1, in_features});
+  const torch::Tensor x2 = (fp32 ? flat : flat.to(at::kFloat)).contiguous();
   const int64_t tokens = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
-  torch::Tensor y = at::empty({tokens, out_features}, x2.options());
+  torch::Tensor y = at::empty(out_shape, x2.options());  // contiguous: [tokens, out] in memory
   if (tokens > 0 && out_features > 0) {
     const int64_t nv = tokens <= 16 ? 1 : tokens <= 32 ? 2 : 4;  // token vectors per tile
     dispatch(values, cols, row_ptr, in_features, [&](auto vt, const auto& columns, auto pt) {
@@ -526,7 +542,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
           y.data_ptr<float>(), nv);
     });
   }
-  return y.to(x.scalar_type()).view(out_shape);
+  return fp32 ? y : y.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
