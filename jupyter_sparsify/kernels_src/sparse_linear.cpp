@@ -22,7 +22,7 @@ namespace {
 constexpr int kLanes = 16;             // floats per token vector (one AVX-512 register)
 constexpr int64_t kL1Floats = 12288;   // 48 KiB: slice of packed x kept in L1 by the tiled path
 constexpr int64_t kPrefetch = 512;     // nonzeros prefetched ahead when streaming weights
-constexpr int64_t kPrefetchRows = 4;   // bitmap rows prefetched ahead
+constexpr int64_t kPrefetchRows = 8;   // bitmap rows prefetched ahead (per stream)
 constexpr int kStreams = 2;            // interleaved row ranges per thread when decoding
 constexpr int64_t kPadding = 64;       // zero floats after x: bitmap rows read x in whole words
 constexpr int64_t kMinWorkPerThread = 16384;  // nonzero x token products worth a thread
