@@ -1,8 +1,8 @@
 """Layer benchmark: the sparse CSR kernel and torch's CSR matmul against dense ``F.linear``.
 
 Shapes are the embedded SmolLM2-135M's linear layers (out x in) plus 3072x768. All methods
-are timed in the same run, taking turns call by call, with torch's default thread settings
-(printed; ``--threads`` overrides them). Two cache regimes:
+are timed in the same run, taking turns call by call in a new random order each round, with
+torch's default thread settings (printed; ``--threads`` overrides them). Two cache regimes:
 
 * ``stream``: each call uses another copy of the weights (a working set of ``--stream-mb``),
   as when decoding a model whose weights do not fit in cache;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -48,15 +49,24 @@ def robust_median(samples: list[float], stall_factor: float) -> tuple[float, flo
 
 def time_calls(fns: dict[str, Callable[[int], object]], copies: int, calls: int,
                stall_factor: float, warmup: int = 5) -> dict[str, tuple[float, float]]:
-    """(median seconds, stalled fraction) per function; call number n uses copy n % copies."""
-    for fn in fns.values():
-        for n in range(warmup):
-            fn(n % copies)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    """(median seconds, stalled fraction) per function; call number n uses copy n % copies.
+
+    An untimed pass first calls every function on every copy, so that no method starts with
+    its copies still in cache because they were created last. Each round the functions take
+    turns in a new (seeded) random order: a call measures slower right after some others (the
+    same kernel build ran 3-8 % slower in the slot that mostly followed dense ``F.linear``).
+    """
+    names = list(fns)
+    for n in range(max(warmup, copies)):
+        for name in names:
+            fns[name](n % copies)
+    order = random.Random(0)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for n in range(calls):
-        for name, fn in fns.items():
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
-            fn(n % copies)
+            fns[name](n % copies)
             samples[name].append(time.perf_counter() - start)
     return {name: robust_median(times, stall_factor) for name, times in samples.items()}
 
