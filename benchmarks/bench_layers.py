@@ -60,10 +60,10 @@ def time_calls(fns: dict[str, Callable[[int], object]], copies: int, calls: int,
     for n in range(max(warmup, copies)):
         for name in names:
             fns[name](n % copies)
-    order = random.Random(0)
+    rng = random.Random(0)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for n in range(calls):
-        order.shuffle(names)
+        rng.shuffle(names)
         for name in names:
             start = time.perf_counter()
             fns[name](n % copies)

@@ -205,9 +205,9 @@ def sparse_linear(
     Returns ``[..., out]`` in x's dtype, accumulating in fp32 (inference only: no autograd).
     Rows are split across torch's intra-op threads. One token streams the nonzeros once, each
     thread's rows as two interleaved streams (bitmap rows: 16 columns per vector expand;
-    absolute indices: vector gathers); several
-    tokens are tiled so each nonzero is loaded once per tile of up to 64 tokens. The indices
-    must be as :func:`compress` makes them (they are not bounds-checked per call).
+    absolute indices: vector gathers); several tokens are tiled so each nonzero is loaded once
+    per tile of up to 64 tokens. The indices must be as :func:`compress` makes them (they are
+    not bounds-checked per call).
     """
     if _module is None:
         ensure_compiled()

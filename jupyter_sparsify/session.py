@@ -208,10 +208,11 @@ class Session:
         )
         if mode == "dense":
             return DENSE
-        if settings.reconstruct and next(self.model.parameters()).dtype != torch.float32:
+        dtype = next(self.model.parameters()).dtype
+        if settings.reconstruct and dtype != torch.float32:
             raise ValueError(
                 f"reconstruct trains the kept weights, which needs a float32 model; this one is "
-                f"{next(self.model.parameters()).dtype}: load it with dtype float32, or leave reconstruct off"
+                f"{dtype}: load it with dtype float32, or leave reconstruct off"
             )
         if mode == "csr":
             self._check_csr_possible(self._layers_for(settings))

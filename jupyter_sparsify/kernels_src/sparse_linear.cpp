@@ -494,6 +494,9 @@ void run(const V* v, const C& c, const P* rp, int64_t nnz, const float* x, int64
   }
 }
 
+// t as float32, without a dispatcher call when it already is one (decode calls are short).
+inline torch::Tensor as_float(const torch::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
 }  // namespace
 
 torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& cols,
@@ -521,11 +524,9 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == out_features, "sparse_linear: bias must have out_features entries");
-    b = (bias->scalar_type() == at::kFloat ? *bias : bias->to(at::kFloat)).contiguous();
+    b = as_float(*bias).contiguous();
   }
-  const bool fp32 = x.scalar_type() == at::kFloat;  // skip no-op conversions: decode calls are short
-  const torch::Tensor flat = x.reshape({-1, in_features});
-  const torch::Tensor x2 = (fp32 ? flat : flat.to(at::kFloat)).contiguous();
+  const torch::Tensor x2 = as_float(x.reshape({-1, in_features})).contiguous();
   const int64_t tokens = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
@@ -542,7 +543,7 @@ torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values,
           y.data_ptr<float>(), nv);
     });
   }
-  return fp32 ? y : y.to(x.scalar_type());
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
