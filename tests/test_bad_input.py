@@ -8,7 +8,7 @@ import torch
 from jupyter_sparsify.layers import find_prunable_layers
 from jupyter_sparsify.session import Session
 
-from conftest import state_checksum, tiny_model, word_tokenizer
+from helpers import state_checksum, tiny_model, word_tokenizer
 
 
 @pytest.fixture

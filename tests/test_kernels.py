@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from jupyter_sparsify import kernels
 
-
-# Relative error bound (of max |ref|) per output dtype.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from helpers import assert_within_linear_bound
 
 
 def random_weight(out_f: int, in_f: int, sparsity: float, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -32,16 +29,29 @@ INDEX_DTYPES = [torch.uint8, torch.int16]
 
 def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
           index_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Run the kernel on compress(weight, index_dtype) and compare with F.linear in fp32."""
+    """Run the kernel on compress(weight, index_dtype) and compare with fp32 F.linear within the fp error bound."""
     out_f, in_f = weight.shape
     y = kernels.sparse_linear(x, *kernels.compress(weight, index_dtype), bias, out_f, in_f)
-    ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     assert y.dtype == x.dtype
     assert y.shape == (*x.shape[:-1], out_f)
-    err = (y.float() - ref).abs().max().item() if ref.numel() else 0.0
-    bound = TOLERANCE[x.dtype] * (ref.abs().max().item() + 1.0) if ref.numel() else 0.0
-    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+    assert_within_linear_bound(y, x, weight, bias)
     return y
+
+
+def test_the_error_bound_catches_a_wrong_kernel() -> None:
+    """The bound every check uses is tight enough that a kernel which drops one ordinary weight, or writes
+    each row's output one row over, fails it."""
+    weight = random_weight(192, 576, 0.5, torch.float32)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(1))
+    values, cols, row_ptr = kernels.compress(weight)
+    assert_within_linear_bound(kernels.sparse_linear(x, values, cols, row_ptr, None, 192, 576), x, weight)
+    dropped = values.clone()
+    dropped[values.abs().argsort()[len(values) // 2]] = 0  # the median nonzero, not the largest
+    with pytest.raises(AssertionError, match="beyond the fp error bound"):
+        assert_within_linear_bound(kernels.sparse_linear(x, dropped, cols, row_ptr, None, 192, 576), x, weight)
+    shifted = kernels.sparse_linear(x, values, cols, row_ptr, None, 192, 576).roll(1, dims=-1)
+    with pytest.raises(AssertionError, match="beyond the fp error bound"):
+        assert_within_linear_bound(shifted, x, weight)
 
 
 def test_index_dtype_for() -> None:
@@ -216,7 +226,7 @@ def test_int64_row_ptr_and_int32_columns() -> None:
     values, cols, row_ptr = kernels.compress(weight, torch.int32)
     x = torch.randn(9, 50)
     y = kernels.sparse_linear(x, values, cols, row_ptr.long(), None, 33, 50)
-    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert_within_linear_bound(y, x, weight)
 
 
 def test_rejects_wrong_shapes() -> None:

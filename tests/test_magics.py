@@ -10,7 +10,7 @@ from IPython.testing.globalipapp import start_ipython
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.session import existing_session
 
-from conftest import state_checksum, tiny_model
+from helpers import state_checksum, tiny_model
 
 
 @pytest.fixture(scope="module")

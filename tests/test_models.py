@@ -7,7 +7,7 @@ import torch
 
 from jupyter_sparsify.models import ModelLoadError, embedded_gguf_path, load_model, parse_dtype
 
-from conftest import tiny_model, word_tokenizer
+from helpers import tiny_model, word_tokenizer
 
 
 def test_the_cache_reloads_the_gguf_model_with_identical_logits(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.panel import Panel
 from jupyter_sparsify.session import Session
 
-from conftest import state_checksum, tiny_model
+from helpers import state_checksum, tiny_model
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, state_checksum, tiny_model
+from helpers import ARCHITECTURES, state_checksum, tiny_model
 from jupyter_sparsify.calibration import _batches, _capture_inputs, decoder_layers
 from jupyter_sparsify.criteria import magnitude_scores, row_keep_mask
 from jupyter_sparsify.reconstruction import block_output, reconstruct_block, relative_error
