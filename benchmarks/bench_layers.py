@@ -47,8 +47,9 @@ def robust_median(samples: list[float], stall_factor: float) -> tuple[float, flo
     return statistics.median(kept), 1 - len(kept) / len(ordered)
 
 
-def time_calls(fns: dict[str, Callable[[int], object]], copies: int, calls: int,
-               stall_factor: float, warmup: int = 5) -> dict[str, tuple[float, float]]:
+def time_calls(
+    fns: dict[str, Callable[[int], object]], copies: int, calls: int, stall_factor: float, warmup: int = 5
+) -> dict[str, tuple[float, float]]:
     """(median seconds, stalled fraction) per function; call number n uses copy n % copies.
 
     An untimed pass first calls every function on every copy, so that no method starts with
@@ -71,8 +72,9 @@ def time_calls(fns: dict[str, Callable[[int], object]], copies: int, calls: int,
     return {name: robust_median(times, stall_factor) for name, times in samples.items()}
 
 
-def bench_case(out_f: int, in_f: int, sparsity: float, tokens: list[int], dtype: torch.dtype,
-               regime: str, args: argparse.Namespace) -> list[dict]:
+def bench_case(
+    out_f: int, in_f: int, sparsity: float, tokens: list[int], dtype: torch.dtype, regime: str, args: argparse.Namespace
+) -> list[dict]:
     """Time dense, our kernel and torch CSR for one weight at several token counts."""
     gen = torch.Generator().manual_seed(out_f * 7919 + in_f)
     weight = torch.randn(out_f, in_f, generator=gen)
@@ -101,13 +103,23 @@ def bench_case(out_f: int, in_f: int, sparsity: float, tokens: list[int], dtype:
         times = time_calls(fns, copies, max(args.repeats, min(copies, 4 * args.repeats)), args.stall_factor)
         (dense, dense_stalled), (mine, mine_stalled) = times["dense"], times["ours"]
         theirs = times.get("csr", (math.nan, math.nan))[0]
-        rows.append({
-            "regime": regime, "dtype": str(dtype).replace("torch.", ""), "shape": f"{out_f}x{in_f}",
-            "model_shape": (out_f, in_f) in MODEL_SHAPES, "tokens": t, "sparsity": sparsity,
-            "dense_us": dense * 1e6, "ours_us": mine * 1e6, "csr_us": theirs * 1e6,
-            "ours_x": dense / mine, "csr_x": dense / theirs,
-            "stalled_dense": dense_stalled, "stalled_ours": mine_stalled,
-        })
+        rows.append(
+            {
+                "regime": regime,
+                "dtype": str(dtype).replace("torch.", ""),
+                "shape": f"{out_f}x{in_f}",
+                "model_shape": (out_f, in_f) in MODEL_SHAPES,
+                "tokens": t,
+                "sparsity": sparsity,
+                "dense_us": dense * 1e6,
+                "ours_us": mine * 1e6,
+                "csr_us": theirs * 1e6,
+                "ours_x": dense / mine,
+                "csr_x": dense / theirs,
+                "stalled_dense": dense_stalled,
+                "stalled_ours": mine_stalled,
+            }
+        )
     return rows
 
 
@@ -136,10 +148,14 @@ def dense_interference(args: argparse.Namespace) -> tuple[pd.DataFrame, float]:
             samples.append(time.perf_counter() - start)
         interleaved.append(robust_median(samples, args.stall_factor)[0] * 1e6)
     after = dense_times()
-    table = pd.DataFrame({
-        "case": [f"{o}x{i} T={t}" for o, i, t in cases],
-        "before_load_us": before, "after_load_us": after, "right_after_sparse_us": interleaved,
-    })
+    table = pd.DataFrame(
+        {
+            "case": [f"{o}x{i} T={t}" for o, i, t in cases],
+            "before_load_us": before,
+            "after_load_us": after,
+            "right_after_sparse_us": interleaved,
+        }
+    )
     table["after/before"] = table.after_load_us / table.before_load_us
     return table, load_s
 
@@ -161,9 +177,11 @@ def main() -> None:
     if args.quick:
         args.repeats, args.stream_mb, args.dtypes, sparsities, shapes = 60, 64.0, "fp32", [0.5, 0.7], MODEL_SHAPES
 
-    print(f"torch {torch.__version__}: {torch.get_num_threads()} intra-op threads, "
-          f"{torch.get_num_interop_threads()} inter-op threads; {torch.backends.cpu.get_cpu_capability()}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}: {torch.get_num_threads()} intra-op threads, "
+        f"{torch.get_num_interop_threads()} inter-op threads; {torch.backends.cpu.get_cpu_capability()}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     interference, load_s = dense_interference(args)
     print(f"sparse kernel compiled or loaded from the disk cache in {load_s:.2f} s")
     rows = []
@@ -177,8 +195,11 @@ def main() -> None:
     pd.set_option("display.width", 200, "display.max_rows", 1000, "display.precision", 2)
     print(table.drop(columns="model_shape").to_string(index=False))
     model = table[table.model_shape]
-    geo = (model.groupby(["regime", "dtype", "tokens", "sparsity"])[["ours_x", "csr_x"]]
-           .agg(lambda s: math.exp(s.map(math.log).mean())).unstack("sparsity"))
+    geo = (
+        model.groupby(["regime", "dtype", "tokens", "sparsity"])[["ours_x", "csr_x"]]
+        .agg(lambda s: math.exp(s.map(math.log).mean()))
+        .unstack("sparsity")
+    )
     print("\nGeometric mean speedup vs dense F.linear over the model's 4 shapes:")
     print(geo.to_string())
     print("\nDense F.linear before vs after loading and running the sparse kernel:")

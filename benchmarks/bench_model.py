@@ -50,23 +50,36 @@ def main() -> None:
         session.measure()
 
     update_s = median_seconds(panel_update, repeats)
-    print(pd.DataFrame([
-        {"what": "warm load of the embedded model", "seconds": warm_load, "target": "<= 3 s"},
-        {"what": "global magnitude apply, 50 %", "seconds": apply_s, "target": "<= 1 s"},
-        {"what": "panel update (apply 50 % + top-1 on the corpus)", "seconds": update_s, "target": "<= 2 s"},
-    ]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(
+        pd.DataFrame(
+            [
+                {"what": "warm load of the embedded model", "seconds": warm_load, "target": "<= 3 s"},
+                {"what": "global magnitude apply, 50 %", "seconds": apply_s, "target": "<= 1 s"},
+                {"what": "panel update (apply 50 % + top-1 on the corpus)", "seconds": update_s, "target": "<= 2 s"},
+            ]
+        ).to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    )
 
-    settings = [(0.5, "fast"), (0.7, "fast")] if args.quick else [(0.3, "fast"), (0.5, "fast"), (0.7, "fast"),
-                                                                  (0.5, "torch")]
+    settings = (
+        [(0.5, "fast"), (0.7, "fast")] if args.quick else [(0.3, "fast"), (0.5, "fast"), (0.7, "fast"), (0.5, "torch")]
+    )
     rows = []
     for amount, backend in settings:
         session.apply(amount, mode="csr", backend=backend, progress=silent)
         row = session.measure(latency=True, repeats=repeats)
-        rows.append({"setup": f"CSR {amount:.0%} ({backend})", "size_mb": row["size_mb"],
-                     "dense decode ms/token": row["dense_decode_ms"], "decode ms/token": row["decode_ms"],
-                     "decode speedup": row["decode_speedup"], "dense prefill ms": row["dense_prefill_ms"],
-                     "prefill ms": row["prefill_ms"], "prefill speedup": row["prefill_speedup"],
-                     "compute_ratio": row["compute_ratio"]})
+        rows.append(
+            {
+                "setup": f"CSR {amount:.0%} ({backend})",
+                "size_mb": row["size_mb"],
+                "dense decode ms/token": row["dense_decode_ms"],
+                "decode ms/token": row["decode_ms"],
+                "decode speedup": row["decode_speedup"],
+                "dense prefill ms": row["dense_prefill_ms"],
+                "prefill ms": row["prefill_ms"],
+                "prefill speedup": row["prefill_speedup"],
+                "compute_ratio": row["compute_ratio"],
+            }
+        )
     session.reset()
     print()
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))

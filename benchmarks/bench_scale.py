@@ -51,9 +51,16 @@ def build_model(layers: int) -> torch.nn.Module:
     """A TinyLlama-1.1B-shaped model (hidden 2048, MLP 5632) with random bf16 weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
@@ -67,22 +74,28 @@ def main() -> None:
     model = build_model(args.layers)
     model_bytes = storage_bytes(model)
     rss = psutil.Process().memory_info().rss
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
-          f"{model_bytes / GIB:.2f} GiB (bf16); process RSS {rss / GIB:.2f} GiB; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+        f"{model_bytes / GIB:.2f} GiB (bf16); process RSS {rss / GIB:.2f} GiB; torch threads {torch.get_num_threads()}"
+    )
     with PeakRSS() as peak:
         start = time.perf_counter()
         session = Session(model, tokenizer)
         session_s = time.perf_counter() - start
-    print(f"Session (dense reference + undo snapshot {session.undo_bytes / GIB:.2f} GiB): {session_s:.1f} s, "
-          f"peak RSS +{(peak.peak - rss) / GIB:.2f} GiB over the model")
+    print(
+        f"Session (dense reference + undo snapshot {session.undo_bytes / GIB:.2f} GiB): {session_s:.1f} s, "
+        f"peak RSS +{(peak.peak - rss) / GIB:.2f} GiB over the model"
+    )
     rss_after_session = psutil.Process().memory_info().rss
     for label in ("first", "second"):
         with PeakRSS() as peak:
             start = time.perf_counter()
             session.apply(args.amount, mode="masked", scope="global", progress=silent)
             apply_s = time.perf_counter() - start
-        print(f"global magnitude apply {args.amount:.0%} ({label}): {apply_s:.1f} s, peak RSS "
-              f"+{(peak.peak - rss_after_session) / GIB:.2f} GiB over model + session")
+        print(
+            f"global magnitude apply {args.amount:.0%} ({label}): {apply_s:.1f} s, peak RSS "
+            f"+{(peak.peak - rss_after_session) / GIB:.2f} GiB over model + session"
+        )
     row = session.measure()
     print(f"after apply: sparsity of prunable weights {row['sparsity_prunable']:.4f}, size {row['size_mb']:.0f} MiB")
 

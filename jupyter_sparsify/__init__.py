@@ -12,11 +12,19 @@ plain Python::
 
 from .formats import CSRLinear
 from .models import load_model
-from .session import PruneSettings, Session, session_for
+from .session import PruneSettings, Session, forget_session, session_for
 
-__all__ = ["CSRLinear", "PruneSettings", "Session", "load_model", "session_for",
-           "load_ipython_extension", "unload_ipython_extension"]
-__version__ = "0.1.0"
+__all__ = [
+    "CSRLinear",
+    "PruneSettings",
+    "Session",
+    "forget_session",
+    "load_model",
+    "session_for",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+__version__ = "0.2.0.dev0"  # the one place the version is written (pyproject.toml reads it)
 
 
 def load_ipython_extension(ipython) -> None:

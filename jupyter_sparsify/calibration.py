@@ -20,6 +20,7 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -95,7 +96,8 @@ def collect_input_stats(
         accumulators = _accumulators(group, want)
         tick = _progress_step(progress, number * len(batches), len(groups) * len(batches), number, len(groups))
         same_input = _run_model(model, batches, group, accumulators, tick)
-        stats.update({name: accumulators[same_input.get(name, name)].result() for name in accumulators})
+        results = {name: accumulators[name].result() for name in accumulators if name not in same_input}
+        stats.update({name: results[same_input.get(name, name)] for name in accumulators})  # one tensor when shared
     return stats
 
 
@@ -146,8 +148,9 @@ def collect_sequential(
             dense = copy.deepcopy(layer) if reconstruct and group else None
             on_layer(index, {name: accumulators[same_input.get(name, name)].result() for name in accumulators})
             if dense is not None:
-                reconstruct_block(layer, dense, inputs, [mask for _, mask in batches],
-                                  [module.weight for _, module in group])
+                reconstruct_block(
+                    layer, dense, inputs, [mask for _, mask in batches], [module.weight for _, module in group]
+                )
                 del dense
             inputs = [_next_inputs(layer, args, kwargs) for args, kwargs in inputs]
             if progress is not None:
@@ -289,7 +292,9 @@ def _owners(layers: Sequence[nn.Module], modules: list[tuple[str, nn.Module]]) -
     return {name: index_of[id(module)] for name, module in modules}
 
 
-def _progress_step(progress: Progress | None, offset: int, total: int, group: int, groups: int) -> Callable[[int], None]:
+def _progress_step(
+    progress: Progress | None, offset: int, total: int, group: int, groups: int
+) -> Callable[[int], None]:
     """Per-batch progress callback for one pass (a no-op without ``progress``)."""
     message = "calibrating" if groups == 1 else f"calibrating (pass {group + 1}/{groups})"
     return (lambda done: progress(offset + done, total, message)) if progress else (lambda done: None)
@@ -302,26 +307,83 @@ def _device(model: nn.Module) -> torch.device:
 class Calibrator:
     """Calibration of one model on one set of texts, as the criteria use it.
 
-    ``norms`` (one-shot, from the dense model) are cached, since Wanda's global scope needs them
-    for all layers at once; ``sequential`` runs the papers' block-by-block pass each time, as it
-    depends on what earlier blocks were pruned to.
+    ``norms`` and ``hessians`` come from the *dense* model in one pass and are kept (the
+    ``calibration="once"`` path): later calls for the same modules cost nothing. They are dropped
+    when the model's dtype changes; a new set of texts gets a new ``Calibrator``. ``sequential``
+    runs the papers' block-by-block pass each time, as it depends on what earlier blocks were
+    pruned to.
     """
 
     def __init__(self, model: nn.Module, tokenizer, texts: list[str]) -> None:
         self.model, self.tokenizer, self.texts = model, tokenizer, texts
-        self._norms: dict[str, Tensor] = {}
+        self._cache: dict[Stat, dict[str, Tensor]] = {"norms": {}, "hessians": {}}
+        self._dtype: torch.dtype | None = None
 
     def norms(self, modules: list[tuple[str, nn.Module]], progress: Progress | None = None) -> dict[str, Tensor]:
         """Wanda's input norms of ``modules`` on the dense model (the caller makes the model dense)."""
-        missing = [(name, module) for name, module in modules if name not in self._norms]
-        if missing:
-            self._norms.update(collect_input_stats(self.model, self.tokenizer, self.texts, missing, want="norms",
-                                                   progress=progress))
-        return {name: self._norms[name] for name, _ in modules}
+        return self._once(modules, "norms", progress)
 
-    def sequential(self, modules: list[tuple[str, nn.Module]], want: Stat,
-                   on_block: Callable[[int, dict[str, Tensor]], None], progress: Progress | None = None,
-                   reconstruct: bool = False) -> None:
+    def hessians(self, modules: list[tuple[str, nn.Module]], progress: Progress | None = None) -> dict[str, Tensor]:
+        """SparseGPT / ADMM Hessians of ``modules`` on the dense model, all in one pass; modules that
+        share an input (q/k/v, gate/up) share one tensor."""
+        return self._once(modules, "hessians", progress)
+
+    def hessian_bytes(self, modules: list[tuple[str, nn.Module]]) -> int:
+        """Upper bound on the memory :meth:`hessians` would add (float32 ``in x in`` per distinct input width
+        and block; modules that share an input are counted once each, so this over-counts them)."""
+        missing = [module for name, module in modules if name not in self._cache["hessians"]]
+        return sum(in_features(module) ** 2 * 4 for module in missing)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached statistics (a tensor shared by several modules counted once)."""
+        tensors = {id(t): t for stats in self._cache.values() for t in stats.values()}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _once(self, modules: list[tuple[str, nn.Module]], want: Stat, progress: Progress | None) -> dict[str, Tensor]:
+        dtype = _dtype(self.model)
+        if dtype != self._dtype:
+            self._cache, self._dtype = {"norms": {}, "hessians": {}}, dtype
+        cache = self._cache[want]
+        missing = [(name, module) for name, module in modules if name not in cache]
+        if missing:
+            cache.update(
+                collect_input_stats(self.model, self.tokenizer, self.texts, missing, want=want, progress=progress)
+            )
+        return {name: cache[name] for name, _ in modules}
+
+    def sequential(
+        self,
+        modules: list[tuple[str, nn.Module]],
+        want: Stat,
+        on_block: Callable[[int, dict[str, Tensor]], None],
+        progress: Progress | None = None,
+        reconstruct: bool = False,
+    ) -> None:
         """Block by block: statistics of each block's ``modules`` on the already pruned earlier blocks."""
-        collect_sequential(self.model, self.tokenizer, self.texts, decoder_layers(self.model), modules, on_block,
-                           want=want, reconstruct=reconstruct, progress=progress)
+        collect_sequential(
+            self.model,
+            self.tokenizer,
+            self.texts,
+            decoder_layers(self.model),
+            modules,
+            on_block,
+            want=want,
+            reconstruct=reconstruct,
+            progress=progress,
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -45,10 +45,14 @@ class VariantCharts:
         self.top1.y_range = Range1d(0, 1.05)
         self.compute = self._paired_figure(
             "Compute vs dense: theory vs executed",
-            ("compute_ratio", "theoretical"), ("executed_ratio", "executed"), "ratio to dense",
+            ("compute_ratio", "theoretical"),
+            ("executed_ratio", "executed"),
+            "ratio to dense",
         )
         self.speed = self._paired_figure(
-            "Measured speedup vs dense (same run)", ("prefill_speedup", "prefill"), ("decode_speedup", "decode"),
+            "Measured speedup vs dense (same run)",
+            ("prefill_speedup", "prefill"),
+            ("decode_speedup", "decode"),
             "× dense speed",
         )
         self.speed.add_layout(Span(location=1, dimension="width", line_dash="dotted", line_color="#4d4d4d"))
@@ -99,12 +103,22 @@ class VariantCharts:
         chart = figure(title=title, x_range=FactorRange(), height=HEIGHT, width=WIDTH, toolbar_location=None)
         items = []
         for offset, (field, label), color in ((-0.2, first, "#9ecae1"), (0.2, second, "#08519c")):
-            renderer = chart.vbar(x=dodge("setup", offset, range=chart.x_range), top=field, width=0.38,
-                                  color=color, source=self.bars)
+            renderer = chart.vbar(
+                x=dodge("setup", offset, range=chart.x_range), top=field, width=0.38, color=color, source=self.bars
+            )
             items.append(LegendItem(label=label, renderers=[renderer]))
-        chart.add_layout(Legend(items=items, location="top_center", orientation="horizontal", background_fill_alpha=0.6))
-        chart.add_tools(HoverTool(tooltips=[("setup", "@setup"), (first[1], f"@{first[0]}{{0.000}}"),
-                                            (second[1], f"@{second[0]}{{0.000}}")]))
+        chart.add_layout(
+            Legend(items=items, location="top_center", orientation="horizontal", background_fill_alpha=0.6)
+        )
+        chart.add_tools(
+            HoverTool(
+                tooltips=[
+                    ("setup", "@setup"),
+                    (first[1], f"@{first[0]}{{0.000}}"),
+                    (second[1], f"@{second[0]}{{0.000}}"),
+                ]
+            )
+        )
         chart.yaxis.axis_label = y_label
         chart.xaxis.major_label_orientation = 0.6
         return chart
@@ -115,7 +129,9 @@ class VariantCharts:
         chart.legend.location = "bottom_left" if point_column == "top1" else "top_left"
         chart.legend.background_fill_alpha = 0.6
         chart.scatter(x="x", y=point_column, color="color", size=7, source=self.points)
-        chart.add_tools(HoverTool(tooltips=[("setup", "@setup"), ("sparsity", "@x{0%}"), (y_label, f"@{point_column}{{0.000}}")]))
+        chart.add_tools(
+            HoverTool(tooltips=[("setup", "@setup"), ("sparsity", "@x{0%}"), (y_label, f"@{point_column}{{0.000}}")])
+        )
         chart.xaxis.axis_label = "sparsity of the prunable weights"
         chart.yaxis.axis_label = y_label
         return chart
@@ -134,7 +150,9 @@ class LayerChart:
         self.source.data = _layer_bars(table, "sparsity")
 
 
-def report_html(history: pd.DataFrame, layers: pd.DataFrame | None = None, title: str = "jupyter_sparsify report") -> str:
+def report_html(
+    history: pd.DataFrame, layers: pd.DataFrame | None = None, title: str = "jupyter_sparsify report"
+) -> str:
     """A standalone HTML page: the charts (BokehJS inlined, works offline) and the results table."""
     charts = VariantCharts()
     charts.update(history)
@@ -157,8 +175,16 @@ def write_report(path: str | Path, history: pd.DataFrame, layers: pd.DataFrame |
 
 
 def _empty_bars() -> dict[str, list]:
-    return {"setup": [], "color": [], "size_mb": [], "top1_match": [], "compute_ratio": [], "executed_ratio": [],
-            "prefill_speedup": [], "decode_speedup": []}
+    return {
+        "setup": [],
+        "color": [],
+        "size_mb": [],
+        "top1_match": [],
+        "compute_ratio": [],
+        "executed_ratio": [],
+        "prefill_speedup": [],
+        "decode_speedup": [],
+    }
 
 
 def _curves(history: pd.DataFrame) -> dict[str, list]:

@@ -8,7 +8,7 @@ SEED_TEXTS: tuple[str, ...] = (
     "A small batch size can distort latency because of cache and warmup effects.",
     "Causal LM perplexity is averaged per token over sliding blocks.",
     "Version 1.2.0 fixes: stability on CPU, deterministic seeds, better logging.",
-    "\"Hello?\" — \"Hi; can you hear me?\" — \"Loud and clear.\"",
+    '"Hello?" — "Hi; can you hear me?" — "Loud and clear."',
     "HTTP 429 means rate limiting; use exponential backoff with jitter.",
     "Compute follows memory: fewer bytes moved often means fewer milliseconds.",
     "Numbers: 3.14159, 2.71828, 0.57721 show up in odd places.",

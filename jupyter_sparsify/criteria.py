@@ -25,8 +25,7 @@ def wanda_scores(weight: Tensor, input_norm: Tensor) -> Tensor:
     """
     if input_norm.shape != (weight.shape[-1],):
         raise ValueError(
-            f"input_norm must have shape [{weight.shape[-1]}] (one norm per input column); "
-            f"got {list(input_norm.shape)}"
+            f"input_norm must have shape [{weight.shape[-1]}] (one norm per input column); got {list(input_norm.shape)}"
         )
     return magnitude_scores(weight) * input_norm.detach().float().to(weight.device)
 
@@ -55,9 +54,10 @@ def nm_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
 
 
 def check_nm(in_features: int, n: int, m: int) -> None:
-    """Raise ``ValueError`` unless ``0 < n <= m`` and ``m`` divides ``in_features``."""
-    if not 0 < n <= m:
-        raise ValueError(f"N:M needs 0 < N <= M; got {n}:{m}")
+    """Raise ``ValueError`` unless ``0 < n < m`` (as :func:`~jupyter_sparsify.pruning.parse_pattern`) and ``m``
+    divides ``in_features``."""
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M (2:4 keeps 2 of every 4); got {n}:{m}")
     if in_features % m:
         raise ValueError(
             f"N:M sparsity {n}:{m} needs the layer width (in_features={in_features}) to be a "

@@ -34,7 +34,9 @@ class CorpusResult:
     target_count: int
 
 
-def encode_corpus(tokenizer, texts: list[str], *, max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE) -> EncodedCorpus:
+def encode_corpus(
+    tokenizer, texts: list[str], *, max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE
+) -> EncodedCorpus:
     """Tokenize ``texts`` into right-padded batches of similar length (the mask keeps padding out of every metric)."""
     batches = padded_batches(tokenizer, texts, max_length=max_length, max_batch=batch_size)
     return EncodedCorpus(tuple({"input_ids": ids, "attention_mask": mask} for ids, mask in batches))

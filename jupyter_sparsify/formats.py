@@ -78,8 +78,9 @@ class CSRLinear(nn.Module):
         values, col_indices, crow_indices = kernels.compress(weight, index_dtype)
         kind = "conv1d" if bool(Conv1D) and isinstance(module, Conv1D) else "linear"
         out_features, in_features = weight.shape
-        return cls(values, col_indices, crow_indices, module.bias, in_features, out_features,
-                   backend=backend, source_kind=kind)
+        return cls(
+            values, col_indices, crow_indices, module.bias, in_features, out_features, backend=backend, source_kind=kind
+        )
 
     @property
     def nnz(self) -> int:
@@ -112,8 +113,15 @@ class CSRLinear(nn.Module):
         if self.backend == "fast":
             # the dicts directly: nn.Module.__getattr__ costs more than the kernel on small decode layers
             buffers = self._buffers
-            return kernels.sparse_linear(x, buffers["values"], buffers["col_indices"], buffers["crow_indices"],
-                                         self._parameters.get("bias"), self.out_features, self.in_features)
+            return kernels.sparse_linear(
+                x,
+                buffers["values"],
+                buffers["col_indices"],
+                buffers["crow_indices"],
+                self._parameters.get("bias"),
+                self.out_features,
+                self.in_features,
+            )
         return self._torch_forward(x)
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +131,11 @@ class CSRLinear(nn.Module):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
             weight = torch.sparse_csr_tensor(
-                self.crow_indices, self.col_indices, self.values.to(compute),
-                (self.out_features, self.in_features), check_invariants=False,
+                self.crow_indices,
+                self.col_indices,
+                self.values.to(compute),
+                (self.out_features, self.in_features),
+                check_invariants=False,
             )
         flat = x.reshape(-1, self.in_features).to(compute)
         out = torch.sparse.mm(weight, flat.t()).t()
@@ -146,4 +157,3 @@ class CSRLinear(nn.Module):
             f"({density:.1%} dense), values={str(self.values.dtype).replace('torch.', '')}, "
             f"indices={_INDEX_NAMES[self.col_indices.dtype]}, backend={self.backend!r}"
         )
-

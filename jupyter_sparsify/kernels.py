@@ -5,24 +5,33 @@ smaller than 16-bit indices), a CSR layer costs its nonzero values + in_features
 
 The kernel is a C++ torch extension compiled on first use (``torch.utils.cpp_extension``,
 needs a C++ compiler and ``ninja``) and cached under ``$JUPYTER_SPARSIFY_CACHE/kernels``
-(default ``~/.cache/jupyter_sparsify/kernels``). It runs on torch's own thread pool, so it
-does not compete with the model's dense ops for cores. When it cannot be built,
-:func:`is_available` returns False and callers fall back to torch's CSR matmul.
+(default ``~/.cache/jupyter_sparsify/kernels``): each build is written to a temporary folder
+and renamed into place with a manifest of its library's size and sha256, which is checked
+before every load. It runs on torch's own thread pool, so it does not compete with the
+model's dense ops for cores. When it cannot be built or loaded, :func:`is_available` warns
+once and returns False, and callers fall back to torch's CSR matmul.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
+import os
 import platform
+import secrets
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from .models import cache_dir
+from .models import CACHE_ENV, cache_dir
 
 _SOURCE = Path(__file__).parent / "kernels_src" / "sparse_linear.cpp"
+_MANIFEST = "manifest.json"  # library file name, size and sha256, written when a build completes
 _module: ModuleType | None = None
 _error: str | None = None
 
@@ -73,47 +82,198 @@ def _openmp_ldflags() -> list[str]:
     return ["-fopenmp"]
 
 
+class KernelUnavailableError(RuntimeError):
+    """The sparse CPU kernel cannot be built or loaded (the message says why and what to do)."""
+
+
 def ensure_compiled(verbose: bool = False) -> None:
-    """Compile the kernel (or load it from the disk cache); raise RuntimeError on failure."""
+    """Load the kernel from the disk cache, or compile it there first; raise
+    :class:`KernelUnavailableError` on failure.
+
+    A cached build is loaded only when its library matches the size and sha256 that its
+    ``manifest.json`` recorded at build time; a damaged or incomplete one is reported in a
+    warning, deleted and rebuilt. After a failure the same error is raised again, unless
+    ``verbose`` is True: then it retries and shows the compiler's output.
+    """
     global _module, _error
     if _module is not None:
         return
-    if _error is not None:
-        raise RuntimeError(_error)
-    from torch.utils import cpp_extension
-
+    if _error is not None and not verbose:
+        raise KernelUnavailableError(_error)
     source = _SOURCE.read_text()
     cflags = ["-O3", "-fopenmp", *_isa_cflags()]
     ldflags = _openmp_ldflags()
     key = "\0".join([source, *cflags, *ldflags, torch.__version__, sys.version])
     name = "jupyter_sparsify_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    build_dir = cache_dir() / "kernels" / name
+    folder = cache_dir() / "kernels" / name
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _module = cpp_extension.load_inline(
-            name=name,
-            cpp_sources=[source],
-            extra_cflags=cflags,
-            extra_ldflags=ldflags,
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
-    except Exception as exc:  # compiler, ninja or linker missing or failing
+        library = _cached_library(folder)
+        if library is None:
+            _build(folder, source, cflags, ldflags, verbose)
+            library = _verified_library(folder)
+        _module = _load(library)
+        _error = None
+    except _Unavailable as exc:
+        _error = f"jupyter_sparsify: {exc}; torch's CSR matmul is used instead."
+        raise KernelUnavailableError(_error) from exc.__cause__
+    except _DamagedCache as damage:  # another process's build, damaged right after it was renamed into place
         _error = (
-            f"jupyter_sparsify: could not build the sparse CPU kernel in {build_dir} "
-            f"({type(exc).__name__}: {exc}). It needs a C++ compiler (g++/clang++) and the "
-            "'ninja' package; torch's CSR matmul is used instead."
+            f"jupyter_sparsify: the sparse CPU kernel just built in {folder} {damage}; delete that "
+            "folder to rebuild it; torch's CSR matmul is used instead."
         )
-        raise RuntimeError(_error) from exc
+        raise KernelUnavailableError(_error) from None
+    except (ImportError, OSError) as exc:
+        _error = (
+            f"jupyter_sparsify: the cached sparse CPU kernel in {folder} could not be loaded "
+            f"({type(exc).__name__}: {exc}); delete that folder to rebuild it; torch's CSR matmul "
+            "is used instead."
+        )
+        raise KernelUnavailableError(_error) from exc
+
+
+class _DamagedCache(Exception):
+    """A cached kernel folder whose library does not match its manifest (the message says how)."""
+
+
+class _Unavailable(Exception):
+    """The kernel cannot be built or its cache written (the message says why and what to do)."""
+
+
+def _verified_library(folder: Path) -> Path:
+    """The library in a cached kernel folder, after checking it against the folder's manifest.
+
+    Raises _DamagedCache when the manifest is missing or the library's size or sha256 differ
+    from it. Nothing here loads the library.
+    """
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+        library = folder / Path(manifest["library"]).name
+        size, digest = int(manifest["size"]), str(manifest["sha256"])
+    except FileNotFoundError:
+        raise _DamagedCache(f"has no {_MANIFEST} (an interrupted or older build)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _DamagedCache(f"has an unreadable {_MANIFEST} ({exc})") from None
+    try:
+        actual = library.stat().st_size
+        if actual != size:
+            raise _DamagedCache(f"is truncated or damaged: {library.name} has {actual} bytes, the build wrote {size}")
+        if _sha256(library) != digest:
+            raise _DamagedCache(f"is damaged: {library.name} does not match the sha256 recorded when it was built")
+    except OSError as exc:
+        raise _DamagedCache(f"cannot read its library {library.name} ({exc})") from None
+    return library
+
+
+def _cached_library(folder: Path) -> Path | None:
+    """The verified library of a cached build; None when there is none or it was damaged (then
+    it is reported in a warning and deleted, so that it gets rebuilt)."""
+    if not folder.exists():
+        return None
+    try:
+        return _verified_library(folder)
+    except _DamagedCache as damage:
+        warnings.warn(
+            f"jupyter_sparsify: the cached sparse CPU kernel in {folder} {damage}; deleting and rebuilding it",
+            stacklevel=3,
+        )
+    _discard(folder)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _scratch_name(folder: Path, kind: str) -> Path:
+    """A fresh sibling of ``folder`` for this process: ``<name>.<kind>-<pid>-<random>``."""
+    return folder.with_name(f"{folder.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _discard(folder: Path) -> None:
+    """Delete a cache folder: first move it aside (atomic), so no process loads from it meanwhile."""
+    trash = _scratch_name(folder, "trash")
+    try:
+        folder.rename(trash)
+    except FileNotFoundError:  # another process discarded it already
+        return
+    except OSError as exc:
+        raise _Unavailable(f"cannot delete the damaged kernel cache {folder} ({exc}); delete it by hand") from exc
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _build(folder: Path, source: str, cflags: list[str], ldflags: list[str], verbose: bool) -> None:
+    """Compile into a temporary sibling of ``folder``, record a manifest, then rename it into place.
+
+    The rename is atomic, so ``folder`` is either absent or a complete build. When another
+    process renamed its build into place first, this one is discarded and theirs is used.
+    """
+    from torch.utils import cpp_extension
+
+    scratch = _scratch_name(folder, "tmp")
+    try:
+        scratch.mkdir(parents=True)
+        try:
+            # is_python_module=False: torch dlopens the library without importing it, because
+            # pybind11 keeps the first module of a name for the whole process; it is imported
+            # from ``folder`` after the rename (the same file, so the same loaded library).
+            library = Path(
+                cpp_extension.load_inline(
+                    name=folder.name,
+                    cpp_sources=[source],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    build_directory=str(scratch),
+                    verbose=verbose,
+                    is_python_module=False,
+                )
+            )
+        except Exception as exc:  # compiler, ninja or linker missing or failing
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise _Unavailable(
+                f"could not build the sparse CPU kernel ({type(exc).__name__}: {first_line}), "
+                "which needs a C++ compiler (g++/clang++) and the 'ninja' package (to see the "
+                "compiler's output: jupyter_sparsify.kernels.ensure_compiled(verbose=True))"
+            ) from exc
+        manifest = {"library": library.name, "size": library.stat().st_size, "sha256": _sha256(library)}
+        (scratch / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        try:
+            scratch.rename(folder)
+        except OSError:
+            if not folder.exists():
+                raise
+    except OSError as exc:
+        raise _Unavailable(
+            f"cannot write the kernel cache in {folder.parent} ({exc}); point ${CACHE_ENV} at a writable folder"
+        ) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load(library: Path) -> ModuleType:
+    """Import the extension module of a verified library (its module name is the file's stem)."""
+    spec = importlib.util.spec_from_file_location(library.stem, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{library} is not a Python extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def is_available() -> bool:
-    """True when the compiled kernel can be loaded (compiles on first call, cached on disk)."""
-    try:
-        ensure_compiled()
-    except RuntimeError:
-        return False
-    return True
+    """True when the compiled kernel can be loaded (compiles on first call, cached on disk).
+
+    The first call that finds it unavailable warns why, once per process.
+    """
+    if _module is None and _error is None:
+        try:
+            ensure_compiled()
+        except KernelUnavailableError as exc:
+            warnings.warn(str(exc), stacklevel=2)
+    return _module is not None
 
 
 def compress(

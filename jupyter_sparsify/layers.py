@@ -152,6 +152,4 @@ def _check_patterns_match(patterns, layers: list[PrunableLayer], what: str) -> N
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in layers):
             examples = ", ".join(layer.name for layer in layers[:3])
-            raise ValueError(
-                f"{what} pattern {pattern!r} matches no linear layer; names look like: {examples}"
-            )
+            raise ValueError(f"{what} pattern {pattern!r} matches no linear layer; names look like: {examples}")

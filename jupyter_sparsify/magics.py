@@ -15,9 +15,11 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from torch import nn
 
 from .charts import write_report
+from .kernels import KernelUnavailableError
 from .models import ModelLoadError, load_model
 from .progress import silent
 from .session import all_sessions, existing_session, forget_session, session_for
+from .strategies import CALIBRATIONS
 
 SUBCOMMANDS = ("load", "prune", "stats", "layers", "compare", "reset", "history", "panel", "sensitivity", "corpus")
 
@@ -76,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="every measured row")
     history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
     history.add_argument("--csv", default=None, metavar="PATH", help="also write the table as CSV")
-    history.add_argument("--html", default=None, metavar="PATH", help="also write a standalone HTML report (charts + table)")
-    history.add_argument("--chart", action="store_true", help="also show the charts (bars per setup, curves over sparsity)")
+    history.add_argument(
+        "--html", default=None, metavar="PATH", help="also write a standalone HTML report (charts + table)"
+    )
+    history.add_argument(
+        "--chart", action="store_true", help="also show the charts (bars per setup, curves over sparsity)"
+    )
 
     panel = commands.add_parser("panel", help="open the interactive panel with live charts")
     panel.add_argument("model", help="variable name of the model")
@@ -98,15 +104,42 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", action="store_true", help="also time prefill and decode against dense")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported) after a warm-up")
+    parser.add_argument(
+        "--repeats", type=_at_least_one, default=5, help="timed repeats (median reported) after a warm-up"
+    )
 
 
 def _method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--criterion", default="magnitude", help="magnitude, wanda, sparsegpt or admm")
-    parser.add_argument("--scope", default="global", help="global, layer or row")
+    parser.add_argument(
+        "--scope",
+        default=None,
+        help="global, layer or row (default: the criterion's own: global for magnitude, row otherwise)",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        choices=CALIBRATIONS,
+        help="wanda/sparsegpt/admm: once (dense statistics, collected once and reused: seconds per "
+        "apply; the default) or sequential (block by block, as in the papers: minutes)",
+    )
     parser.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (keeps 2 of every 4 weights)")
-    parser.add_argument("--reconstruct", action="store_true",
-                        help="after each block is pruned, tune its kept weights to reproduce the dense block")
+    parser.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="after each block is pruned, tune its kept weights to reproduce the dense block",
+    )
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (checked while parsing, before anything changes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
+    return value
 
 
 @magics_class
@@ -127,7 +160,8 @@ class SparsifyMagics(Magics):
 
             %sparsify load [SOURCE] [--as MODEL,TOKENIZER] [--dtype float32|float16|bfloat16]
             %sparsify prune MODEL --amount 0.3 [--mode masked|csr] [--criterion magnitude|wanda|sparsegpt|admm]
-                                  [--scope global|layer|row] [--pattern 2:4] [--reconstruct]
+                                  [--scope global|layer|row] [--pattern 2:4] [--calibration once|sequential]
+                                  [--reconstruct]
                                   [--include GLOB..] [--exclude GLOB..]
             %sparsify stats MODEL [--latency]
             %sparsify layers MODEL
@@ -147,11 +181,18 @@ class SparsifyMagics(Magics):
         if args.command is None:
             raise UsageError("%sparsify needs a subcommand: " + ", ".join(SUBCOMMANDS) + " (see %sparsify --help)")
         if (cell is not None) != (args.command == "corpus"):
-            raise UsageError("corpus is a cell magic: start the cell with %%sparsify corpus, one text per line"
-                             if args.command == "corpus" else "only %%sparsify corpus takes a cell body")
+            raise UsageError(
+                "corpus is a cell magic: start the cell with %%sparsify corpus, one text per line"
+                if args.command == "corpus"
+                else "only %%sparsify corpus takes a cell body"
+            )
         try:
-            return getattr(self, f"_{args.command}")(args, cell) if cell is not None else getattr(self, f"_{args.command}")(args)
-        except (ValueError, TypeError, ModelLoadError) as error:
+            return (
+                getattr(self, f"_{args.command}")(args, cell)
+                if cell is not None
+                else getattr(self, f"_{args.command}")(args)
+            )
+        except (ValueError, TypeError, ModelLoadError, KernelUnavailableError) as error:
             raise UsageError(str(error)) from None
 
     # -- subcommands ------------------------------------------------------------------------
@@ -169,13 +210,25 @@ class SparsifyMagics(Magics):
         self._last_model = names[0]
         count = sum(p.numel() for p in model.parameters())
         label = args.source or "the embedded SmolLM2-135M-Instruct"
-        print(f"Loaded {label}: {count / 1e6:.1f} M parameters, {next(model.parameters()).dtype} "
-              f"-> `{names[0]}`, `{names[1]}`")
+        print(
+            f"Loaded {label}: {count / 1e6:.1f} M parameters, {next(model.parameters()).dtype} "
+            f"-> `{names[0]}`, `{names[1]}`"
+        )
 
     def _prune(self, args):
         session = self._session(args)
-        session.apply(args.amount, mode=args.mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
-                      include=args.include, exclude=args.exclude, backend=args.backend, reconstruct=args.reconstruct)
+        session.apply(
+            args.amount,
+            mode=args.mode,
+            criterion=args.criterion,
+            scope=args.scope,
+            pattern=args.pattern,
+            include=args.include,
+            exclude=args.exclude,
+            backend=args.backend,
+            reconstruct=args.reconstruct,
+            calibration=args.calibration,
+        )
         return pd.DataFrame([session.measure(latency=args.latency, repeats=args.repeats)])
 
     def _stats(self, args):
@@ -200,8 +253,16 @@ class SparsifyMagics(Magics):
             session.reset()
             rows.append(session.measure(latency=args.latency, repeats=args.repeats))
             for amount, mode in tqdm(plan, desc="compare"):
-                session.apply(amount, mode=mode, criterion=args.criterion, scope=args.scope, pattern=args.pattern,
-                              reconstruct=args.reconstruct, progress=silent)
+                session.apply(
+                    amount,
+                    mode=mode,
+                    criterion=args.criterion,
+                    scope=args.scope,
+                    pattern=args.pattern,
+                    reconstruct=args.reconstruct,
+                    calibration=args.calibration,
+                    progress=silent,
+                )
                 rows.append(session.measure(latency=args.latency, repeats=args.repeats))
         finally:
             session.reset()
@@ -252,10 +313,14 @@ class SparsifyMagics(Magics):
 
     def _model(self, name: str) -> nn.Module:
         if name not in self.shell.user_ns:
-            raise UsageError(f"no variable named {name!r} in the notebook; load a model first: %sparsify load --as {name},tokenizer")
+            raise UsageError(
+                f"no variable named {name!r} in the notebook; load a model first: %sparsify load --as {name},tokenizer"
+            )
         model = self.shell.user_ns[name]
         if not isinstance(model, nn.Module):
-            raise UsageError(f"{name!r} is a {type(model).__name__}, not a torch model; pass the variable that holds the model")
+            raise UsageError(
+                f"{name!r} is a {type(model).__name__}, not a torch model; pass the variable that holds the model"
+            )
         return model
 
     def _model_tokenizer_by_name(self, name: str):
@@ -273,7 +338,9 @@ class SparsifyMagics(Magics):
         if known is None and tokenizer is None:
             tokenizer = self._tokenizers.get(id(model))
             if tokenizer is None:
-                raise UsageError(f"which tokenizer goes with {name!r}? pass --tokenizer NAME (or load it with %sparsify load)")
+                raise UsageError(
+                    f"which tokenizer goes with {name!r}? pass --tokenizer NAME (or load it with %sparsify load)"
+                )
         self._last_model = name
         return known or session_for(model, tokenizer, self._texts)
 

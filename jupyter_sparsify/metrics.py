@@ -18,8 +18,12 @@ from .formats import CSRLinear
 from .layers import is_linear_like
 
 MIB = 2**20
-_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-                   torch.bfloat16: torch.int16}
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 _COUNT_CHUNK = 1 << 18
 
 
@@ -69,8 +73,10 @@ def count_nonzero(tensor: torch.Tensor) -> int:
     if as_int is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return int(torch.count_nonzero(tensor))
     flat = tensor.reshape(-1).view(as_int)
-    return sum(int(torch.count_nonzero(flat[start : start + _COUNT_CHUNK] << 1))
-               for start in range(0, flat.numel(), _COUNT_CHUNK))
+    return sum(
+        int(torch.count_nonzero(flat[start : start + _COUNT_CHUNK] << 1))
+        for start in range(0, flat.numel(), _COUNT_CHUNK)
+    )
 
 
 @dataclass(frozen=True)

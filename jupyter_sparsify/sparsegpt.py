@@ -174,7 +174,9 @@ def _inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, T
     damped, factor, dead = dampened_hessian(hessian, percdamp)
     identity = torch.eye(len(damped), dtype=damped.dtype, device=damped.device)
     inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False)
-    hinv = torch.linalg.cholesky(inverse_factor.T @ inverse_factor, upper=True)  # cholesky_inverse is ~15x slower on CPU
+    hinv = torch.linalg.cholesky(
+        inverse_factor.T @ inverse_factor, upper=True
+    )  # cholesky_inverse is ~15x slower on CPU
     return damped, hinv.float(), dead
 
 
@@ -184,7 +186,13 @@ def _share(total: int, columns: int, boundary: int) -> int:
 
 
 def _prune_block(
-    w: Tensor, hinv: Tensor, dead: Tensor, start: int, end: int, quota: int, nm: tuple[int, int] | None,
+    w: Tensor,
+    hinv: Tensor,
+    dead: Tensor,
+    start: int,
+    end: int,
+    quota: int,
+    nm: tuple[int, int] | None,
     per_row: bool,
 ) -> Tensor:
     """Prune columns ``[start, end)`` of ``w`` in place with OBS updates; return the scaled errors.

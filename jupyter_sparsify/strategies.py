@@ -1,20 +1,27 @@
 """Criteria applied to a model's layers: magnitude, Wanda, SparseGPT and ADMM, with their calibration.
 
-Wanda, SparseGPT and ADMM (on SparseGPT's Hessians) run as in their papers, block by block: the
-statistics of block i are taken on the outputs of blocks < i *after* those were pruned, so later
-layers see (and, for SparseGPT and ADMM, compensate) the errors of earlier ones. Wanda with the
-global scope compares all layers at once, so it takes its input norms from the dense model in one
-pass instead. With ``reconstruct``, each block is tuned after it is pruned (:mod:`.reconstruction`).
+Two calibrations for the data-aware criteria (Wanda, SparseGPT, ADMM on SparseGPT's Hessians):
+
+* ``once`` (the default): every layer's statistics come from the *dense* model in one pass, are kept
+  by the session's :class:`~jupyter_sparsify.calibration.Calibrator`, and every later apply, at any
+  amount, scope or pattern, reuses them: only the per-layer algorithm runs.
+* ``sequential`` (as in the papers): block by block, the statistics of block i are taken on the
+  outputs of blocks < i *after* those were pruned, so later layers see (and, for SparseGPT and ADMM,
+  compensate) the errors of earlier ones. It depends on the pruning, so it runs at every apply. Block
+  reconstruction (``reconstruct``, :mod:`.reconstruction`) needs it.
+
+Wanda with the global scope compares all layers at once, so it always takes the dense model's norms.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 
 from .admm import admm_prune
-from .calibration import Calibrator
+from .calibration import Calibrator, available_memory_bytes
 from .criteria import magnitude_scores, wanda_scores
 from .layers import PrunableLayer, weight_matrix
 from .progress import Progress
@@ -22,13 +29,42 @@ from .pruning import prune_in_place
 from .sparsegpt import sparsegpt_prune
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt", "admm")
+CALIBRATIONS = ("once", "sequential")
+DEFAULT_SCOPES = {"magnitude": "global", "wanda": "row", "sparsegpt": "row", "admm": "row"}  # each one's good form
+SCOPES_OF = {
+    "magnitude": ("global", "layer", "row"),
+    "wanda": ("row", "layer", "global"),
+    "sparsegpt": ("row", "layer"),
+    "admm": ("row", "layer"),
+}
 _FROM_HESSIANS = {"sparsegpt": sparsegpt_prune, "admm": admm_prune}  # per-layer algorithms on Hessians
+
+
+def default_scope(criterion: str) -> str:
+    """The scope a criterion uses when none is given: global for magnitude (the course notebook's), row otherwise."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    return DEFAULT_SCOPES[criterion]
+
+
+def validate_calibration(calibration: str | None, reconstruct: bool) -> str:
+    """``once`` or ``sequential``; ``None`` means ``sequential`` with reconstruction, else ``once``."""
+    if calibration is None:
+        return "sequential" if reconstruct else "once"
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
+    if reconstruct and calibration == "once":
+        raise ValueError(
+            "reconstruct tunes each block on the outputs of the already pruned blocks before it, which needs "
+            "calibration='sequential' (--calibration sequential); calibration='once' takes every statistic "
+            "from the dense model"
+        )
+    return calibration
 
 
 def validate_criterion(criterion: str, scope: str, pattern: tuple[int, int] | None, reconstruct: bool = False) -> str:
     """Check the criterion name, that it can work with the scope, and with block reconstruction."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    default_scope(criterion)
     if criterion in _FROM_HESSIANS and scope == "global" and pattern is None:
         raise ValueError(
             f"criterion {criterion!r} rebuilds each layer from its own Hessian, so one global threshold "
@@ -57,13 +93,34 @@ def prune_with_criterion(
     calibrator: Calibrator,
 ) -> None:
     """Prune ``layers`` of the (dense) model in place as ``settings`` (a ``PruneSettings``) says."""
+    modules = [(layer.name, layer.module) for layer in layers]
     if settings.criterion == "magnitude":
-        prune_in_place(layers, lambda layer: magnitude_scores(weight_matrix(layer.module)), amount=settings.amount,
-                       scope=settings.scope, pattern=settings.pattern, progress=report)
-    elif not _block_by_block(settings.criterion, settings.scope, settings.pattern):  # Wanda, one global threshold
-        norms = calibrator.norms([(layer.name, layer.module) for layer in layers], report)
-        prune_in_place(layers, lambda layer: wanda_scores(weight_matrix(layer.module), norms[layer.name]),
-                       amount=settings.amount, scope="global", progress=report)
+        prune_in_place(
+            layers,
+            lambda layer: magnitude_scores(weight_matrix(layer.module)),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
+            progress=report,
+        )
+    elif settings.criterion == "wanda" and (
+        settings.calibration == "once" or not _block_by_block(settings.criterion, settings.scope, settings.pattern)
+    ):
+        norms = calibrator.norms(modules, report)
+        prune_in_place(
+            layers,
+            lambda layer: wanda_scores(weight_matrix(layer.module), norms[layer.name]),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
+            progress=report,
+        )
+    elif settings.calibration == "once" and _hessians_fit(calibrator, modules):
+        hessians, done = calibrator.hessians(modules, report), 0
+        for group in _sharing_a_hessian(layers, hessians, settings):
+            _prune_rows_together(group, hessians[group[0].name], settings)
+            done += len(group)
+            report(done, len(layers), f"{settings.criterion} {group[-1].name}")
     else:
         prune, by_name = _pruner(settings), {layer.name: layer for layer in layers}
 
@@ -72,23 +129,58 @@ def prune_with_criterion(
                 prune(by_name[name], statistic)
 
         want = "hessians" if settings.criterion in _FROM_HESSIANS else "norms"
-        calibrator.sequential([(layer.name, layer.module) for layer in layers], want, on_block, report,
-                              reconstruct=settings.reconstruct)
+        calibrator.sequential(modules, want, on_block, report, reconstruct=settings.reconstruct)
+
+
+def _hessians_fit(calibrator: Calibrator, modules: list) -> bool:
+    """Whether the Hessians to cache fit half of the memory available now; if not, say so (sequential instead)."""
+    needed, available = calibrator.hessian_bytes(modules), available_memory_bytes()
+    if available is None or needed <= available // 2:
+        return True
+    warnings.warn(
+        f"jupyter_sparsify: the Hessians for calibration='once' need up to {needed / 2**30:.1f} GiB and "
+        f"{available / 2**30:.1f} GiB is free; calibrating block by block instead (calibration='sequential')",
+        stacklevel=2,
+    )
+    return False
+
+
+def _sharing_a_hessian(layers: Sequence[PrunableLayer], hessians: dict[str, torch.Tensor], settings) -> list[list]:
+    """Layers that can be pruned as one matrix: those reading the same input (q/k/v, gate/up) share a Hessian,
+    and with every row pruned on its own (scope ``row`` or a pattern) their rows can be stacked, so that one
+    factorisation and one sweep serve them all. With scope ``layer`` each layer keeps its own quota."""
+    if settings.scope == "layer" and not settings.pattern:
+        return [[layer] for layer in layers]
+    groups: dict[int, list[PrunableLayer]] = {}
+    for layer in layers:
+        groups.setdefault(id(hessians[layer.name]), []).append(layer)
+    return list(groups.values())
+
+
+def _prune_rows_together(group: list[PrunableLayer], hessian: torch.Tensor, settings) -> None:
+    """Run SparseGPT / ADMM once on the rows of every layer in ``group`` stacked, and write each layer's rows back."""
+    weights = [weight_matrix(layer.module) for layer in group]
+    scope = "row" if settings.pattern else settings.scope  # a pattern fixes every row's count
+    stacked = torch.cat([weight.detach() for weight in weights]) if len(weights) > 1 else weights[0].detach()
+    pruned = _FROM_HESSIANS[settings.criterion](stacked, hessian, settings.amount, nm=settings.pattern, scope=scope)
+    with torch.no_grad():
+        for weight, rows in zip(weights, pruned.split([w.shape[0] for w in weights])):
+            weight.copy_(rows)
 
 
 def _pruner(settings):
     """How one layer is pruned from its calibration statistic (Wanda's norms or a Hessian)."""
 
     def wanda(layer: PrunableLayer, norm: torch.Tensor) -> None:
-        prune_in_place([layer], lambda _: wanda_scores(weight_matrix(layer.module), norm), amount=settings.amount,
-                       scope=settings.scope, pattern=settings.pattern)
+        prune_in_place(
+            [layer],
+            lambda _: wanda_scores(weight_matrix(layer.module), norm),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
+        )
 
     def from_hessian(layer: PrunableLayer, hessian: torch.Tensor) -> None:
-        weight = weight_matrix(layer.module)
-        scope = "row" if settings.pattern else settings.scope  # a pattern fixes every row's count
-        algorithm = _FROM_HESSIANS[settings.criterion]
-        pruned = algorithm(weight.detach(), hessian, settings.amount, nm=settings.pattern, scope=scope)
-        with torch.no_grad():
-            weight.copy_(pruned)
+        _prune_rows_together([layer], hessian, settings)
 
     return wanda if settings.criterion == "wanda" else from_hessian

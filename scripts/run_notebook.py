@@ -13,8 +13,12 @@ from nbclient import NotebookClient
 def run_notebook(path: Path, cwd: Path, out: Path | None = None, timeout: int = 1800) -> nbformat.NotebookNode:
     """Run every cell of ``path`` with ``cwd`` as working directory; raise on an error output."""
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
-    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+    NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()
+    errors = [
+        output for cell in notebook.cells for output in cell.get("outputs", []) if output.get("output_type") == "error"
+    ]
     if errors:
         raise RuntimeError(f"{path}: error output: {errors[0].get('ename')}: {errors[0].get('evalue')}")
     if out is not None:

@@ -17,8 +17,9 @@ def word_tokenizer(vocab_size: int = 256):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for text in SEED_TEXTS for w in pre_tokenizers.Whitespace().pre_tokenize_str(text)
-                    for w in [w[0]]})
+    words = sorted(
+        {w for text in SEED_TEXTS for w in pre_tokenizers.Whitespace().pre_tokenize_str(text) for w in [w[0]]}
+    )
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
     for word in words[: vocab_size - len(vocab)]:
         vocab[word] = len(vocab)
@@ -32,13 +33,34 @@ def tiny_model(architecture: str, vocab_size: int = 256, seed: int = 0) -> torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
     configs = {
-        "opt": OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
-        "gpt_neox": GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                                  num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False),
+        "opt": OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        ),
+        "gpt_neox": GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),
         "gpt2": GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-        "llama": LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+        "llama": LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        ),
     }
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(configs[architecture]).eval()
@@ -76,8 +98,9 @@ def gamma(n: int, u: float = UNIT_ROUNDOFF[torch.float32]) -> float:
     return n * u / (1 - n * u)
 
 
-def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def linear_error_bound(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Elementwise bound on |y - ref| where y is any fp32-accumulated x @ weight.T + bias rounded to
     ``out_dtype`` and ref is ``F.linear`` of the same (exactly upcast) values in fp32."""
     x, weight = x.double(), weight.double()
@@ -94,8 +117,9 @@ def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return bound
 
 
-def assert_within_linear_bound(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               bias: torch.Tensor | None = None) -> None:
+def assert_within_linear_bound(
+    y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
     """Fail unless every element of ``y`` is within :func:`linear_error_bound` of fp32 ``F.linear``."""
     ref = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
     bound = linear_error_bound(x, weight, bias, out_dtype=y.dtype)
@@ -136,8 +160,11 @@ def model_depth_and_fan_in(model: torch.nn.Module) -> tuple[int, int]:
     from jupyter_sparsify.calibration import decoder_layers, in_features
     from jupyter_sparsify.formats import CSRLinear
 
-    widths = [m.in_features if isinstance(m, CSRLinear) else in_features(m)
-              for m in model.modules() if isinstance(m, (torch.nn.Linear, CSRLinear)) or type(m).__name__ == "Conv1D"]
+    widths = [
+        m.in_features if isinstance(m, CSRLinear) else in_features(m)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, CSRLinear)) or type(m).__name__ == "Conv1D"
+    ]
     return 4 * len(decoder_layers(model)) + 1, max(widths)
 
 
@@ -154,5 +181,6 @@ def assert_same_function(reference: torch.Tensor, logits: torch.Tensor, model: t
 def corpus_logits(session) -> torch.Tensor:
     """The session's model's logits at every real (attention mask 1) position of its evaluation corpus."""
     with torch.inference_mode():
-        return torch.cat([session.model(**batch).logits[batch["attention_mask"].bool()].float()
-                          for batch in session._corpus.batches])
+        return torch.cat(
+            [session.model(**batch).logits[batch["attention_mask"].bool()].float() for batch in session._corpus.batches]
+        )

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_criteria import _correlated_layer, _relative_error
 
 from jupyter_sparsify.admm import admm_prune
 from jupyter_sparsify.criteria import magnitude_scores, nm_keep_mask, prune_count
 from jupyter_sparsify.sparsegpt import HessianAccumulator, sparsegpt_prune
-from test_criteria import _correlated_layer, _relative_error
 
 
 @pytest.mark.parametrize("scope", ["row", "layer"])

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from jupyter_sparsify.criteria import prune_count
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.layers import find_prunable_layers, weight_matrix
-from jupyter_sparsify.criteria import prune_count
 from jupyter_sparsify.session import Session
 
 from helpers import ARCHITECTURES, assert_same_function, corpus_logits, state_checksum, tiny_model
@@ -75,7 +75,6 @@ def test_masked_and_csr_agree(architecture, tokenizer):
     assert abs(math.log(masked["perplexity"]) - math.log(csr["perplexity"])) <= bound + 1e-12
 
 
-
 def test_a_tied_head_is_pruned_once_when_named(tokenizer):
     model = tiny_model("gpt2")
     session = Session(model, tokenizer)
@@ -109,8 +108,14 @@ def test_every_criterion_in_both_modes_then_reset_bit_exact(architecture, criter
     session = Session(model, tokenizer)
     session.set_calibration_texts(["The valley is quiet and the river bends.", "Sparse kernels need real zeros."] * 4)
     for scope, pattern in (("row", None), ("layer", "2:4")):
-        session.apply(None if pattern else 0.5, mode=mode, criterion=criterion, scope=scope, pattern=pattern,
-                      progress=lambda *a: None)
+        session.apply(
+            None if pattern else 0.5,
+            mode=mode,
+            criterion=criterion,
+            scope=scope,
+            pattern=pattern,
+            progress=lambda *a: None,
+        )
         table = session.layer_table()
         assert (table["sparsity"] - 0.5).abs().max() < 1e-9, table
         assert session.measure()["setup"].startswith("CSR" if mode == "csr" else "Masked")

@@ -39,8 +39,15 @@ def pruned_session(tokenizer):
         ({"amount": 0.3, "criterion": "sparsegpt", "scope": "global"}, ValueError, "scope='row'"),
         ({"amount": 0.3, "criterion": "admm", "scope": "global"}, ValueError, "scope='row'"),
         ({"amount": 0.3, "reconstruct": True}, ValueError, "calibrates block by block"),
-        ({"amount": 0.3, "criterion": "wanda", "scope": "global", "reconstruct": True}, ValueError,
-         "calibrates block by block"),
+        (
+            {"amount": 0.3, "criterion": "wanda", "scope": "global", "reconstruct": True},
+            ValueError,
+            "calibrates block by block",
+        ),
+        ({"amount": 0.3, "include": []}, ValueError, "include is an empty list"),
+        ({"pattern": (2, 4, 8)}, ValueError, "two whole numbers (N, M)"),
+        ({"pattern": (2.5, 4)}, ValueError, "two whole numbers (N, M)"),
+        ({"amount": 0.3, "criterion": "wanda", "calibration": "daily"}, ValueError, "calibration must be one of"),
     ],
 )
 def test_bad_apply_arguments_change_nothing(pruned_session, kwargs, error, words):
@@ -51,6 +58,14 @@ def test_bad_apply_arguments_change_nothing(pruned_session, kwargs, error, words
     assert words in str(caught.value)
     assert state_checksum(pruned_session.model) == before
     assert pruned_session.settings == settings
+
+
+def test_numpy_and_negative_zero_amounts_are_plain_numbers(tokenizer):
+    import numpy as np
+
+    session = Session(tiny_model("llama"), tokenizer)
+    assert session.apply(np.float32(0.25), progress=lambda *a: None).amount == pytest.approx(0.25)
+    assert session.apply(-0.0, progress=lambda *a: None).label == "Masked 0%"
 
 
 def test_not_a_model():

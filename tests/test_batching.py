@@ -28,7 +28,7 @@ def test_every_text_once_right_padded_and_no_batch_too_large(tokenizer):
 def test_less_padding_than_batches_in_text_order(tokenizer):
     texts = [text for pair in zip(SEED_TEXTS, [t + " " + t + " " + t for t in SEED_TEXTS]) for text in pair]
     order_padded = sum(
-        len(texts[start:start + 8]) * max(len(ids) for ids in tokenizer(texts[start:start + 8])["input_ids"])
+        len(texts[start : start + 8]) * max(len(ids) for ids in tokenizer(texts[start : start + 8])["input_ids"])
         for start in range(0, len(texts), 8)
     )
     padded = sum(ids.numel() for ids, _ in padded_batches(tokenizer, texts, max_length=128, max_batch=8))
@@ -43,8 +43,11 @@ def test_empty_texts_are_dropped_and_max_batch_checked(tokenizer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8])
 def test_count_nonzero_treats_negative_zero_as_zero(dtype):
-    values = torch.tensor([-0.0, 0.0, 1.0, -2.0, float("nan"), float("-inf"), 1e-40, -1e-40]).to(dtype) \
-        if dtype.is_floating_point else torch.tensor([0, 1, -1, 0], dtype=dtype)
+    values = (
+        torch.tensor([-0.0, 0.0, 1.0, -2.0, float("nan"), float("-inf"), 1e-40, -1e-40]).to(dtype)
+        if dtype.is_floating_point
+        else torch.tensor([0, 1, -1, 0], dtype=dtype)
+    )
     big = values.repeat(70_000)  # several chunks, the last one partial
     assert count_nonzero(values) == int(torch.count_nonzero(values))
     assert count_nonzero(big) == int(torch.count_nonzero(big))

@@ -137,7 +137,9 @@ def test_sparsegpt_beats_magnitude_and_wanda_at_half_sparsity():
     pruned = sparsegpt_prune(weight, hessian, 0.5)
     magnitude = weight * row_keep_mask(magnitude_scores(weight), 0.5)
     wanda = weight * row_keep_mask(wanda_scores(weight, x.norm(dim=0)), 0.5)
-    assert _relative_error(weight, pruned, x) < _relative_error(weight, wanda, x) < _relative_error(weight, magnitude, x)
+    assert (
+        _relative_error(weight, pruned, x) < _relative_error(weight, wanda, x) < _relative_error(weight, magnitude, x)
+    )
     assert ((pruned == 0).sum(dim=1) == 64).all()
 
 
@@ -256,8 +258,13 @@ def _llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -274,16 +281,25 @@ def _opt():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    config = OPTConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                       max_position_embeddings=128, word_embed_proj_dim=32)
+    config = OPTConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    )
     return OPTForCausalLM(config).eval()
 
 
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = decoder_layers(model)
     return [
-        (name, module) for name, module in model.named_modules()
-        if name.split(".")[-1] != "lm_head" and any(module is sub for sub in layers.modules())
+        (name, module)
+        for name, module in model.named_modules()
+        if name.split(".")[-1] != "lm_head"
+        and any(module is sub for sub in layers.modules())
         and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
     ]
 
@@ -343,8 +359,15 @@ def test_calibration_leaves_no_hooks_and_no_weight_changes(model):
     tokenizer, modules = _word_tokenizer(), _prunable(model)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     calls = []
-    collect_input_stats(model, tokenizer, TEXTS, modules, want="hessians", group_size=4,
-                        progress=lambda done, total, message: calls.append((done, total)))
+    collect_input_stats(
+        model,
+        tokenizer,
+        TEXTS,
+        modules,
+        want="hessians",
+        group_size=4,
+        progress=lambda done, total, message: calls.append((done, total)),
+    )
     assert calls[-1][0] == calls[-1][1] == math.ceil(len(modules) / 4) * 1  # one batch per pass
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert not any(module._forward_pre_hooks for module in model.modules())
@@ -361,8 +384,15 @@ def test_sequential_matches_one_shot_when_nothing_is_pruned(model):
     tokenizer, modules = _word_tokenizer(), _prunable(model)
     one_shot = collect_input_stats(model, tokenizer, TEXTS, modules, want="hessians", batch_size=2)
     seen: dict[int, dict] = {}
-    collect_sequential(model, tokenizer, TEXTS, decoder_layers(model), modules,
-                       lambda index, stats: seen.setdefault(index, stats), batch_size=2)
+    collect_sequential(
+        model,
+        tokenizer,
+        TEXTS,
+        decoder_layers(model),
+        modules,
+        lambda index, stats: seen.setdefault(index, stats),
+        batch_size=2,
+    )
     assert sorted(seen) == [0, 1]
     sequential = {name: stat for stats in seen.values() for name, stat in stats.items()}
     assert sequential.keys() == one_shot.keys()
@@ -382,8 +412,15 @@ def test_sequential_sees_the_pruned_earlier_blocks():
                 module.weight.mul_(row_keep_mask(wanda_scores(module.weight, stats[name]), 0.5))
 
     sequential = {}
-    collect_sequential(model, tokenizer, TEXTS, decoder_layers(model), modules,
-                       lambda index, stats: (sequential.update(stats), prune_block(index, stats)), want="norms")
+    collect_sequential(
+        model,
+        tokenizer,
+        TEXTS,
+        decoder_layers(model),
+        modules,
+        lambda index, stats: (sequential.update(stats), prune_block(index, stats)),
+        want="norms",
+    )
     first = "model.layers.0.self_attn.q_proj"
     second = "model.layers.1.self_attn.q_proj"
     torch.testing.assert_close(sequential[first], one_shot[first])
@@ -393,8 +430,9 @@ def test_sequential_sees_the_pruned_earlier_blocks():
 def test_sequential_rejects_modules_outside_the_blocks():
     model, tokenizer = _llama(), _word_tokenizer()
     with pytest.raises(ValueError, match="lm_head"):
-        collect_sequential(model, tokenizer, TEXTS, decoder_layers(model), [("lm_head", model.lm_head)],
-                           lambda index, stats: None)
+        collect_sequential(
+            model, tokenizer, TEXTS, decoder_layers(model), [("lm_head", model.lm_head)], lambda index, stats: None
+        )
 
 
 def test_default_calibration_texts_are_shipped():

@@ -120,8 +120,13 @@ def _layer_calls(session, tokens: int = 24) -> list[tuple[CSRLinear, torch.Tenso
     calls = []
 
     def record(module, args, output):
-        calls.append((module, args[0].reshape(-1, module.in_features)[:tokens].clone(),
-                      output.reshape(-1, module.out_features)[:tokens].clone()))
+        calls.append(
+            (
+                module,
+                args[0].reshape(-1, module.in_features)[:tokens].clone(),
+                output.reshape(-1, module.out_features)[:tokens].clone(),
+            )
+        )
 
     handles = [m.register_forward_hook(record) for m in session.model.modules() if isinstance(m, CSRLinear)]
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,9 @@ def random_weight(out_f: int, in_f: int, sparsity: float, dtype: torch.dtype, se
 INDEX_DTYPES = [torch.uint8, torch.int16]
 
 
-def check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-          index_dtype: torch.dtype | None = None) -> torch.Tensor:
+def check(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Run the kernel on compress(weight, index_dtype) and compare with fp32 F.linear within the fp error bound."""
     out_f, in_f = weight.shape
     y = kernels.sparse_linear(x, *kernels.compress(weight, index_dtype), bias, out_f, in_f)
@@ -139,8 +140,9 @@ def test_wide_inputs(in_f: int, index_dtype: torch.dtype | None) -> None:
 @pytest.mark.parametrize("tokens", [1, 3, 16, 20, 128])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
-def test_matches_dense(dtype: torch.dtype, shape: tuple[int, int], tokens: int, sparsity: float,
-                       index_dtype: torch.dtype) -> None:
+def test_matches_dense(
+    dtype: torch.dtype, shape: tuple[int, int], tokens: int, sparsity: float, index_dtype: torch.dtype
+) -> None:
     weight = random_weight(*shape, sparsity, dtype)
     x = torch.randn(tokens, shape[1]).to(dtype)
     check(x, weight, None, index_dtype)
@@ -203,8 +205,12 @@ def test_non_contiguous_and_3d_inputs(tokens: int) -> None:
 @pytest.mark.parametrize("tokens", [1, 16])
 @pytest.mark.parametrize(
     "x_dtype,w_dtype",
-    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
-     (torch.float16, torch.bfloat16)],
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
 )
 def test_mixed_dtypes(tokens: int, x_dtype: torch.dtype, w_dtype: torch.dtype) -> None:
     weight = random_weight(40, 72, 0.5, w_dtype)
@@ -258,10 +264,11 @@ def test_fallback_instruction_sets(isa: str, monkeypatch: pytest.MonkeyPatch) ->
                 check(torch.randn(tokens, shape[1]).to(dtype), weight, torch.randn(shape[0]), index_dtype)
 
 
-def test_unavailable_when_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unavailable_when_build_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def fail(**_: object) -> None:
         raise OSError("no C++ compiler found")
 
+    monkeypatch.setenv("JUPYTER_SPARSIFY_CACHE", str(tmp_path))  # an empty cache: the kernel must be built
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_error", None)
     monkeypatch.setattr(cpp_extension, "load_inline", fail)

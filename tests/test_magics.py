@@ -84,6 +84,19 @@ def test_prune_with_block_reconstruction(shell, tiny):
     magic(shell, "reset tiny")
 
 
+def test_the_magics_find_a_session_made_in_python(shell, tokenizer):
+    from jupyter_sparsify import Session
+
+    model = tiny_model("opt")
+    dense = state_checksum(model)
+    session = Session(model, tokenizer)
+    session.apply(0.5)
+    shell.user_ns["made_in_python"], shell.user_ns["its_tok"] = model, tokenizer
+    magic(shell, "reset made_in_python --tokenizer its_tok")  # the same session: its dense original
+    assert existing_session(model) is session and state_checksum(model) == dense
+    del shell.user_ns["made_in_python"], shell.user_ns["its_tok"]
+
+
 def test_corpus_cell_changes_later_measurements(shell, tiny):
     shell.run_cell_magic("sparsify", "corpus", "The valley is quiet.\nThe river bends slowly.\n")
     assert existing_session(tiny).texts == ["The valley is quiet.", "The river bends slowly."]
@@ -106,6 +119,9 @@ def test_corpus_cell_changes_later_measurements(shell, tiny):
         ("prune tiny --amount 0.3 --mode sparse", "invalid choice"),
         ("prune tiny --amount 0.3 --criterion random", "criterion must be one of"),
         ("prune tiny --amount 0.3 --reconstruct", "calibrates block by block"),
+        ("prune tiny --amount 0.3 --latency --repeats 0", "must be a whole number >= 1"),
+        ("prune tiny --amount 0.3 --criterion wanda --calibration twice", "invalid choice"),
+        ("prune tiny --amount 0.3 --criterion wanda --reconstruct --calibration once", "calibration='sequential'"),
         ("prune tiny --amount 0.3 --include '*.nothing'", "matches no linear layer"),
         ("load --as onlyone", "--as takes two variable names"),
         ("load /no/such/model.gguf", "GGUF file not found"),

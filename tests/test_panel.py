@@ -54,19 +54,33 @@ def test_the_reconstruct_checkbox_reaches_the_session_and_gets_its_own_curve(pan
     panel.amount.value = 0.5
     panel.reconstruct.value = True
     panel.apply_button.click()
-    assert panel.session.settings.reconstruct and list(panel.session.history["criterion"]) == ["", "wanda", "wanda+recon"]
+    assert panel.session.settings.reconstruct and list(panel.session.history["criterion"]) == [
+        "",
+        "wanda",
+        "wanda+recon",
+    ]
     assert len(panel.charts.curves.data["xs"]) == 2 and "+recon" in panel.table.value
 
 
 def test_a_failure_shows_in_the_panel_and_changes_nothing(panel):
     panel.amount.value = 0.3
     before = state_checksum(panel.session.model)
-    panel.criterion.value, panel.scope.value = "sparsegpt", "global"
+    panel.reconstruct.value = True  # block reconstruction with magnitude, which has no calibration
     panel.apply_button.click()
-    assert "scope='row'" in panel.errors.outputs[0]["text"]
+    assert "calibrates block by block" in panel.errors.outputs[0]["text"]
     assert panel.status.value.startswith("Failed") and panel.progress.bar_style == "danger"
     assert state_checksum(panel.session.model) == before
     assert not panel.apply_button.disabled
+
+
+def test_the_scope_follows_the_criterion(panel):
+    assert panel.scope.options == ("global", "layer", "row") and panel.scope.value == "global"
+    panel.criterion.value = "sparsegpt"
+    assert panel.scope.options == ("row", "layer") and panel.scope.value == "row"  # no global: it has none
+    panel.criterion.value = "wanda"
+    assert panel.scope.value == "row" and "global" in panel.scope.options
+    panel.reconstruct.value = True
+    assert panel.calibration.value == "sequential"  # reconstruction needs it
 
 
 def test_a_second_request_while_busy_is_refused(panel):

@@ -7,20 +7,26 @@ import copy
 import pytest
 import torch
 
-from helpers import ARCHITECTURES, state_checksum, tiny_model
 from jupyter_sparsify.calibration import _batches, _capture_inputs, decoder_layers
 from jupyter_sparsify.criteria import magnitude_scores, row_keep_mask
 from jupyter_sparsify.reconstruction import block_output, reconstruct_block, relative_error
 from jupyter_sparsify.session import Session
 
-TEXTS = ["The valley is quiet and the river bends.", "Sparse kernels need real zeros.",
-         "Keep the same corpus when comparing Dense vs Masked vs CSR."] * 4
+from helpers import ARCHITECTURES, state_checksum, tiny_model
+
+TEXTS = [
+    "The valley is quiet and the river bends.",
+    "Sparse kernels need real zeros.",
+    "Keep the same corpus when comparing Dense vs Masked vs CSR.",
+] * 4
 
 
 def _block_error(block, dense, inputs, masks) -> float:
     with torch.no_grad():
-        return sum(float(relative_error(block_output(block, batch), block_output(dense, batch), mask))
-                   for batch, mask in zip(inputs, masks))
+        return sum(
+            float(relative_error(block_output(block, batch), block_output(dense, batch), mask))
+            for batch, mask in zip(inputs, masks)
+        )
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-
 import psutil
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -180,10 +179,7 @@ def running_jupyterlab(root_dir: Path, *, python: str = sys.executable) -> Itera
     python = os.path.abspath(shutil.which(python) or python)  # keep venv symlinks unresolved
     root_dir = Path(root_dir).resolve()
     with tempfile.TemporaryDirectory(prefix="jupyterlab-test-") as tmp:
-        dirs = {
-            name: Path(tmp, name)
-            for name in ("config", "data", "runtime", "settings", "workspaces", "ipython")
-        }
+        dirs = {name: Path(tmp, name) for name in ("config", "data", "runtime", "settings", "workspaces", "ipython")}
         for d in dirs.values():
             d.mkdir()
         _write_isolated_config(dirs, python)
@@ -280,9 +276,7 @@ def _wait_until_serving(lab: LabServer, runtime_dir: Path, timeout_s: float) -> 
                 except (ValueError, KeyError):
                     continue  # partially written; retry
         if url:
-            request = urllib.request.Request(
-                f"{url}api/status", headers={"Authorization": f"token {lab.token}"}
-            )
+            request = urllib.request.Request(f"{url}api/status", headers={"Authorization": f"token {lab.token}"})
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:
                     if response.status == 200:
@@ -290,9 +284,7 @@ def _wait_until_serving(lab: LabServer, runtime_dir: Path, timeout_s: float) -> 
             except (urllib.error.URLError, OSError):
                 pass
         time.sleep(0.25)
-    raise TimeoutError(
-        f"JupyterLab did not answer within {timeout_s:.0f} s (url={url or 'unknown'})"
-    )
+    raise TimeoutError(f"JupyterLab did not answer within {timeout_s:.0f} s (url={url or 'unknown'})")
 
 
 def _shutdown(lab: LabServer, runtime_dir: Path) -> None:
@@ -346,9 +338,7 @@ def headless_chromium() -> Iterator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         raise RuntimeError(f"{CHROMIUM} not found: run scripts/setup_browser.sh")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             yield browser
         finally:
@@ -366,9 +356,7 @@ def open_notebook(page: Page, lab: LabServer, path: str, timeout_s: float = 180)
     try:
         page.wait_for_function(_NOTEBOOK_READY_JS, timeout=timeout_s * 1000, polling=250)
     except PlaywrightTimeoutError as exc:
-        raise TimeoutError(
-            f"notebook {path!r} did not open within {timeout_s:.0f} s\n{_page_dialogs(page)}"
-        ) from exc
+        raise TimeoutError(f"notebook {path!r} did not open within {timeout_s:.0f} s\n{_page_dialogs(page)}") from exc
 
 
 def run_all_and_wait(page: Page, timeout_s: float = 300) -> None:
@@ -411,9 +399,7 @@ def _output_text(output: dict[str, Any]) -> str:
     if kind == "stream":
         text = output.get("text", "")
     elif kind == "error":
-        text = "\n".join(
-            [f"{output.get('ename')}: {output.get('evalue')}", *output.get("traceback", [])]
-        )
+        text = "\n".join([f"{output.get('ename')}: {output.get('evalue')}", *output.get("traceback", [])])
     else:
         text = output.get("data", {}).get("text/plain", "")
     text = "".join(text) if isinstance(text, list) else str(text)
@@ -422,10 +408,7 @@ def _output_text(output: dict[str, Any]) -> str:
 
 def cell_outputs_text(page: Page) -> list[str]:
     """Each cell's outputs as plain text (one string per cell, "" for non-code cells)."""
-    return [
-        "\n".join(_output_text(o) for o in cell["outputs"])
-        for cell in _notebook_state(page)["cells"]
-    ]
+    return ["\n".join(_output_text(o) for o in cell["outputs"]) for cell in _notebook_state(page)["cells"]]
 
 
 def error_outputs(page: Page) -> list[str]:
@@ -480,13 +463,17 @@ def wait_for_bokeh_data(
 ) -> list[dict[str, list[Any]]]:
     """Poll `bokeh_sources(page)` until `predicate` holds on it; return those sources."""
     return poll_until(
-        page, lambda: bokeh_sources(page), predicate, timeout_s,
+        page,
+        lambda: bokeh_sources(page),
+        predicate,
+        timeout_s,
         lambda sources: f"{what} never reached the page within {timeout_s:.0f} s; Bokeh sources now: {sources}",
     )
 
 
-def poll_until(page: Page, probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float,
-               failure: Callable[[T], str]) -> T:
+def poll_until(
+    page: Page, probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float, failure: Callable[[T], str]
+) -> T:
     """Call `probe` every 250 ms until `done(value)`; on timeout raise with `failure(value)` and the notebook."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -82,9 +82,7 @@ def test_widgets_and_bokeh_update_in_jupyterlab(tmp_path: Path, screenshot_dir: 
             open_notebook(page, lab, "demo.ipynb")
             run_all_and_wait(page, timeout_s=300)
             kernel_prefix = cell_outputs_text(page)[0].strip()
-            assert kernel_prefix == sys.prefix, (
-                f"kernel runs in {kernel_prefix!r}, not {sys.prefix!r}"
-            )
+            assert kernel_prefix == sys.prefix, f"kernel runs in {kernel_prefix!r}, not {sys.prefix!r}"
 
             slider = page.locator("div.widget-slider.widget-hslider")
             button = page.locator("button.jupyter-button", has_text="Apply")
@@ -93,9 +91,7 @@ def test_widgets_and_bokeh_update_in_jupyterlab(tmp_path: Path, screenshot_dir: 
                 try:
                     expect(locator).to_be_visible(timeout=TIMEOUT_MS)
                 except AssertionError as exc:
-                    raise AssertionError(
-                        f"{what} not rendered\n{describe_notebook(page)}\nconsole: {console}"
-                    ) from exc
+                    raise AssertionError(f"{what} not rendered\n{describe_notebook(page)}\nconsole: {console}") from exc
             assert not error_outputs(page), f"{error_outputs(page)}\n{describe_notebook(page)}"
             wait_for_bokeh_data(page, has_y([0, 0, 0]), what="the initial y=[0, 0, 0]")
 

@@ -64,7 +64,10 @@ def _table_setups(table: Locator) -> list[str]:
 def _wait_table_rows(page: Page, table: Locator, setup: str, count: int, timeout_s: float) -> list[str]:
     """Wait until the history table holds `count` rows labelled `setup`; return its setups."""
     return poll_until(
-        page, lambda: _table_setups(table), lambda setups: setups.count(setup) >= count, timeout_s,
+        page,
+        lambda: _table_setups(table),
+        lambda setups: setups.count(setup) >= count,
+        timeout_s,
         lambda setups: f"table never showed {count} row(s) {setup!r} within {timeout_s:.0f} s; it shows {setups}",
     )
 
@@ -135,8 +138,9 @@ def test_panel_prunes_and_updates_charts_in_jupyterlab(tmp_path: Path, screensho
             assert not error_outputs(page), f"{error_outputs(page)}\n{context()}"
 
             # -- the dense baseline reached the page ---------------------------------------
-            wait_for_bokeh_data(page, _only_dense, timeout_s=APPLY_TIMEOUT_S,
-                                what='the dense bar (setup ["Dense"], top1_match [1.0])')
+            wait_for_bokeh_data(
+                page, _only_dense, timeout_s=APPLY_TIMEOUT_S, what='the dense bar (setup ["Dense"], top1_match [1.0])'
+            )
             assert _table_setups(table) == ["Dense"], context()
 
             # -- prune to Masked 50 % from the browser --------------------------------------

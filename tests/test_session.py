@@ -1,0 +1,116 @@
+"""Session: one session per model, models changed outside it, each criterion's default scope, and the
+calibrate-once statistics (reused, equal to a fresh collection, dropped when they no longer apply)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from jupyter_sparsify.calibration import collect_input_stats
+from jupyter_sparsify.session import Session, existing_session, forget_session, session_for
+from jupyter_sparsify.strategies import CRITERIA, DEFAULT_SCOPES
+
+from helpers import state_checksum, tiny_model
+
+
+def quiet(done: int, total: int, message: str) -> None:
+    """A progress callback that shows nothing."""
+
+
+def small_session(tokenizer, architecture: str = "llama") -> Session:
+    """A session on a tiny model that calibrates on 8 of the shipped documents (quick)."""
+    session = Session(tiny_model(architecture), tokenizer)
+    session.set_calibration_texts(session.calibration_texts[:8])
+    return session
+
+
+def test_a_second_session_on_a_pruned_model_is_refused_not_taken_for_dense(tokenizer):
+    model = tiny_model("llama")
+    dense = state_checksum(model)
+    session = Session(model, tokenizer)
+    session.apply(0.5)
+    with pytest.raises(ValueError, match="already has a session.*session_for"):
+        Session(model, tokenizer)
+    assert session_for(model) is session and existing_session(model) is session
+    session_for(model).reset()
+    assert state_checksum(model) == dense  # the dense original was not lost
+    forget_session(model)
+    assert existing_session(model) is None and Session(model, tokenizer) is existing_session(model)
+
+
+def test_a_model_pruned_with_torch_prune_is_refused_before_and_after_the_session(tokenizer):
+    model = tiny_model("opt")
+    layer = model.model.decoder.layers[0].fc1
+    prune.l1_unstructured(layer, "weight", 0.3)
+    with pytest.raises(ValueError, match=r"torch\.nn\.utils\.prune.*prune\.remove"):
+        Session(model, tokenizer)
+    prune.remove(layer, "weight")
+    session = Session(model, tokenizer)
+    prune.l1_unstructured(model.model.decoder.layers[1].fc2, "weight", 0.3)
+    before = state_checksum(model)
+    with pytest.raises(ValueError, match="torch.nn.utils.prune"):
+        session.apply(0.5)
+    assert state_checksum(model) == before
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_every_criterion_works_with_no_scope_given(criterion, tokenizer):
+    session = small_session(tokenizer)
+    settings = session.apply(0.5, criterion=criterion, progress=quiet)
+    assert settings.scope == DEFAULT_SCOPES[criterion] == ("global" if criterion == "magnitude" else "row")
+    assert settings.calibration == "once"
+    assert abs(session.measure()["sparsity_prunable"] - 0.5) < 1e-6
+
+
+def test_calibrate_once_collects_once_and_equals_a_fresh_collection(tokenizer):
+    session = small_session(tokenizer)
+    session.apply(0.5, criterion="sparsegpt", progress=quiet)
+    cached = session._calibrator().hessians([(layer.name, layer.module) for layer in session.default_layers])
+    held = session.calibration_bytes
+    assert held > 0
+    session.apply(0.3, criterion="admm", scope="layer", progress=quiet)
+    session.apply(criterion="sparsegpt", pattern="2:4", progress=quiet)
+    again = session._calibrator().hessians([(layer.name, layer.module) for layer in session.default_layers])
+    assert all(again[name] is cached[name] for name in cached) and session.calibration_bytes == held  # reused
+    session.reset()
+    fresh = collect_input_stats(
+        session.model,
+        session.tokenizer,
+        session.calibration_texts,
+        [(layer.name, layer.module) for layer in session.default_layers],
+        want="hessians",
+    )
+    for name, hessian in fresh.items():
+        assert torch.equal(hessian, cached[name])
+    q, k = (f"model.layers.0.self_attn.{p}_proj" for p in "qk")
+    assert cached[q] is cached[k]  # modules fed the same input share one Hessian
+
+
+def test_calibration_is_dropped_when_the_texts_or_the_dtype_change(tokenizer):
+    session = small_session(tokenizer)
+    session.apply(0.5, criterion="wanda", progress=quiet)
+    first = session.calibration_bytes
+    assert first > 0
+    session.set_calibration_texts(session.calibration_texts[:5])
+    assert session.calibration_bytes == 0
+    session.apply(0.5, criterion="wanda", progress=quiet)
+    names = [(layer.name, layer.module) for layer in session.default_layers]
+    norms = session._calibrator().norms(names)
+    session.reset()
+    session.model.to(torch.bfloat16)
+    assert session._calibrator().norms(names)[names[0][0]] is not norms[names[0][0]]
+
+
+def test_reconstruction_needs_the_sequential_calibration(tokenizer):
+    session = small_session(tokenizer)
+    before = state_checksum(session.model)
+    with pytest.raises(ValueError, match="reconstruct.*calibration='sequential'"):
+        session.apply(0.5, criterion="wanda", reconstruct=True, calibration="once")
+    with pytest.raises(ValueError, match="calibration must be one of once, sequential"):
+        session.apply(0.5, criterion="wanda", calibration="twice")
+    assert state_checksum(session.model) == before
+    settings = session.apply(0.5, criterion="wanda", reconstruct=True, progress=quiet)
+    assert settings.calibration == "sequential" and session.measure()["criterion"] == "wanda+recon"
+    session.apply(0.5, criterion="sparsegpt", calibration="sequential", progress=quiet)
+    assert session.measure()["criterion"] == "sparsegpt+seq"
