@@ -31,4 +31,22 @@ def validate_texts(texts: object) -> list[str]:
         raise TypeError(f"texts must be a list of strings; got {type(texts).__name__}") from None
     if not cleaned:
         raise ValueError("texts is empty: give at least one non-blank evaluation text")
+    for number, text in enumerate(cleaned, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"text {number} is not valid Unicode ({error.reason} at character {error.start}): remove that "
+                "character (a lone surrogate often comes from a badly decoded file)"
+            ) from None
     return cleaned
+
+
+def check_next_token_targets(tokenizer, texts: list[str]) -> None:
+    """Refuse texts of fewer than two tokens: they give no next token to predict, so nothing to measure."""
+    for number, text in enumerate(texts, start=1):
+        if len(tokenizer(text)["input_ids"]) < 2:
+            raise ValueError(
+                f"text {number} ({text[:40]!r}) is a single token, which leaves no next token to predict: "
+                "give texts of at least two tokens (a sentence or more)"
+            )

@@ -15,6 +15,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from torch import nn
 
 from .charts import write_report
+from .corpus import check_next_token_targets, validate_texts
 from .kernels import KernelUnavailableError
 from .models import ModelLoadError, load_model
 from .progress import silent
@@ -304,6 +305,9 @@ class SparsifyMagics(Magics):
         texts = [line.strip() for line in cell.splitlines() if line.strip()]
         if not texts:
             raise UsageError("the %%sparsify corpus cell is empty: write one evaluation text per line")
+        texts = validate_texts(texts)
+        for session in all_sessions():  # every check before anything changes
+            check_next_token_targets(session.tokenizer, texts)
         self._texts = texts
         for session in all_sessions():
             session.set_texts(texts)

@@ -171,8 +171,12 @@ class Panel(widgets.VBox):
             self.progress.value, self.progress.bar_style = 1.0, "success"
         except Exception as error:  # shown in the panel, never lost in the kernel log
             self.progress.bar_style = "danger"
-            self.status.value = f"Failed: {error} (the model is as it was before)"
+            self.status.value = f"Failed: {error} (the model is now: {self.session.settings.label})"
             self.errors.append_stdout(f"{type(error).__name__}: {error}\n")
+        except KeyboardInterrupt:
+            self.progress.bar_style = "warning"
+            self.status.value = f"Interrupted (the model is now: {self.session.settings.label})"
+            raise
         finally:
             self._busy = False
             self._set_enabled(True)

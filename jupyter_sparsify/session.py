@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .corpus import SEED_TEXTS, validate_texts
+from .corpus import SEED_TEXTS, check_next_token_targets, validate_texts
 from .evaluation import check_vocabulary, encode_corpus, flat_predictions, run_corpus
 from .formats import CSRLinear, validate_backend
 from .latency import measure_against_dense
@@ -137,6 +137,7 @@ class Session:
     def set_texts(self, texts: Sequence[str]) -> None:
         """Use ``texts`` as the evaluation corpus from now on (the dense reference is recomputed)."""
         cleaned = validate_texts(texts)
+        check_next_token_targets(self.tokenizer, cleaned)
         corpus = encode_corpus(self.tokenizer, cleaned)
         check_vocabulary(self.model, corpus)
         with self.dense_view():

@@ -123,3 +123,18 @@ def test_interrupted_apply_leaves_the_model_as_it_was(pruned_session, monkeypatc
     assert calls["n"] > 3  # failed at the third layer, then the previous CSR 30 % was rebuilt
     assert state_checksum(pruned_session.model) == before
     assert pruned_session.settings.label == "CSR 30%"
+
+
+@pytest.mark.parametrize(
+    "texts, words",
+    [
+        (["Hello", "World"], "is a single token"),
+        (["The valley is quiet.", "bad \ud800 text"], "not valid Unicode"),
+    ],
+)
+def test_corpora_that_give_nothing_to_measure_are_refused_up_front(tokenizer, texts, words):
+    session = Session(tiny_model("llama"), tokenizer)
+    before = list(session.texts)
+    with pytest.raises(ValueError, match=words):
+        session.set_texts(texts)
+    assert session.texts == before and session.measure()["eval_tokens"] > 0

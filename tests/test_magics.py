@@ -97,6 +97,16 @@ def test_the_magics_find_a_session_made_in_python(shell, tokenizer):
     del shell.user_ns["made_in_python"], shell.user_ns["its_tok"]
 
 
+def test_a_corpus_of_single_tokens_is_refused_and_changes_nothing(shell, tiny):
+    before = list(existing_session(tiny).texts)
+    with pytest.raises(UsageError, match="single token"):
+        shell.run_cell_magic("sparsify", "corpus", "Hello\nWorld\n")
+    assert existing_session(tiny).texts == before
+    magic(shell, "prune tiny --amount 0.5")  # every later action still works
+    assert magic(shell, "stats tiny").loc[0, "eval_tokens"] > 0
+    magic(shell, "reset tiny")
+
+
 def test_corpus_cell_changes_later_measurements(shell, tiny):
     shell.run_cell_magic("sparsify", "corpus", "The valley is quiet.\nThe river bends slowly.\n")
     assert existing_session(tiny).texts == ["The valley is quiet.", "The river bends slowly."]

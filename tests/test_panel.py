@@ -73,6 +73,16 @@ def test_a_failure_shows_in_the_panel_and_changes_nothing(panel):
     assert not panel.apply_button.disabled
 
 
+def test_a_failure_after_the_apply_says_what_state_the_model_is_in(panel, monkeypatch):
+    def broken_measure(**_):
+        raise RuntimeError("measuring broke")
+
+    monkeypatch.setattr(panel.session, "measure", broken_measure)
+    panel.amount.value = 0.5
+    assert panel.session.settings.label == "Masked 50%"  # the apply itself succeeded
+    assert panel.status.value == "Failed: measuring broke (the model is now: Masked 50%)"
+
+
 def test_the_scope_follows_the_criterion(panel):
     assert panel.scope.options == ("global", "layer", "row") and panel.scope.value == "global"
     panel.criterion.value = "sparsegpt"
