@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 from .batching import Batch, padded_batches
 from .criteria import InputNormAccumulator
+from .models import model_device, model_dtype
+from .progress import Progress
 from .reconstruction import block_output, reconstruct_block
 from .sparsegpt import HessianAccumulator
 
-Progress = Callable[[int, int, str], None]
 Stat = Literal["norms", "hessians"]
 
 
@@ -88,7 +89,7 @@ def collect_input_stats(
     """
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be at least 1 (or None for one pass); got {group_size}")
-    batches = _batches(tokenizer, texts, max_length, batch_size, _device(model))
+    batches = _batches(tokenizer, texts, max_length, batch_size, model_device(model))
     size = max(1, len(modules) if want == "norms" or group_size is None else group_size)
     groups = [modules[i : i + size] for i in range(0, len(modules), size)]
     stats: dict[str, Tensor] = {}
@@ -133,7 +134,7 @@ def collect_sequential(
         Others: as in :func:`collect_input_stats`.
     """
     owner = _owners(layers, modules)
-    batches = _batches(tokenizer, texts, max_length, batch_size, _device(model))
+    batches = _batches(tokenizer, texts, max_length, batch_size, model_device(model))
     with _eval_mode(model), torch.no_grad():
         inputs = _capture_inputs(model, layers[0], batches)
         for index, layer in enumerate(layers):
@@ -300,10 +301,6 @@ def _progress_step(
     return (lambda done: progress(offset + done, total, message)) if progress else (lambda done: None)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 class Calibrator:
     """Calibration of one model on one set of texts, as the criteria use it.
 
@@ -341,7 +338,7 @@ class Calibrator:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def _once(self, modules: list[tuple[str, nn.Module]], want: Stat, progress: Progress | None) -> dict[str, Tensor]:
-        dtype = _dtype(self.model)
+        dtype = model_dtype(self.model)
         if dtype != self._dtype:
             self._cache, self._dtype = {"norms": {}, "hessians": {}}, dtype
         cache = self._cache[want]
@@ -383,7 +380,3 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .batching import padded_batches
+from .models import model_device
 
 MAX_LENGTH = 128
 BATCH_SIZE = 8
@@ -58,7 +59,7 @@ def check_vocabulary(model: nn.Module, corpus: EncodedCorpus) -> None:
 @torch.inference_mode()
 def run_corpus(model: nn.Module, corpus: EncodedCorpus) -> CorpusResult:
     """Forward the corpus once: argmax tokens and next-token NLL over real positions."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     predictions, masks = [], []
     nll_sum, targets = 0.0, 0
     for batch in corpus.batches:

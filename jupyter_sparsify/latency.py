@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .evaluation import EncodedCorpus
+from .models import model_device
 
 DECODE_TOKENS = 16
 
@@ -27,7 +28,7 @@ class Latency:
 @torch.inference_mode()
 def prefill_seconds(model: nn.Module, corpus: EncodedCorpus) -> float:
     """Seconds for one forward pass over every batch of the corpus."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     start = time.perf_counter()
     for batch in corpus.batches:
         model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
@@ -63,7 +64,7 @@ def measure_against_dense(
     ``dense_view()`` is a context manager under which the model runs as the dense original.
     One warm-up of each comes first; each figure is the median of ``repeats``.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     prompt = corpus.batches[0]["input_ids"][:1].to(device)
     prompt = prompt[:, : int(corpus.batches[0]["attention_mask"][0].sum())]
     timings: dict[str, list[tuple[float, float]]] = {"variant": [], "dense": []}

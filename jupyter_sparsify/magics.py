@@ -17,7 +17,7 @@ from torch import nn
 from .charts import write_report
 from .corpus import check_next_token_targets, validate_texts
 from .kernels import KernelUnavailableError
-from .models import ModelLoadError, load_model
+from .models import ModelLoadError, load_model, model_dtype
 from .progress import silent
 from .session import all_sessions, existing_session, forget_session, session_for
 from .strategies import CALIBRATIONS
@@ -211,10 +211,7 @@ class SparsifyMagics(Magics):
         self._last_model = names[0]
         count = sum(p.numel() for p in model.parameters())
         label = args.source or "the embedded SmolLM2-135M-Instruct"
-        print(
-            f"Loaded {label}: {count / 1e6:.1f} M parameters, {next(model.parameters()).dtype} "
-            f"-> `{names[0]}`, `{names[1]}`"
-        )
+        print(f"Loaded {label}: {count / 1e6:.1f} M parameters, {model_dtype(model)} -> `{names[0]}`, `{names[1]}`")
 
     def _prune(self, args):
         session = self._session(args)

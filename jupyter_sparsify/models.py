@@ -175,3 +175,13 @@ def _save_converted(model: nn.Module, tokenizer, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(folder)
     (folder / "complete").write_text("ok\n")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
+    return next(model.parameters()).device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's (first) parameters."""
+    return next(model.parameters()).dtype

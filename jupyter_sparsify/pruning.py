@@ -15,10 +15,10 @@ import torch
 
 from .criteria import nm_keep_mask, prune_count, row_keep_mask
 from .layers import PrunableLayer, weight_matrix
+from .progress import Progress
 
 SCOPES = ("global", "layer", "row")
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]
-Progress = Callable[[int, int, str], None]
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _SAMPLE_SIZE = 1 << 20
 

@@ -17,6 +17,7 @@ from .evaluation import check_vocabulary, encode_corpus, flat_predictions, run_c
 from .formats import CSRLinear, validate_backend
 from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
+from .models import model_device, model_dtype
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
 from .strategies import (
@@ -276,13 +277,13 @@ class Session:
             pattern=parsed,
             include=_patterns(include, "include"),
             exclude=_patterns(exclude, "exclude"),
-            backend=validate_backend(backend, _device_of(self.model)) if mode == "csr" else None,
+            backend=validate_backend(backend, model_device(self.model)) if mode == "csr" else None,
             reconstruct=bool(reconstruct),
             calibration=validate_calibration(calibration, bool(reconstruct)),
         )
         if mode == "dense":
             return DENSE
-        dtype = next(self.model.parameters()).dtype
+        dtype = model_dtype(self.model)
         if settings.reconstruct and dtype != torch.float32:
             raise ValueError(
                 f"reconstruct trains the kept weights, which needs a float32 model; this one is "
@@ -490,7 +491,7 @@ class Session:
 
     def break_even_table(self) -> pd.DataFrame:
         """Sparsity above which a CSR layer is smaller than dense, per column format, at the model's dtype."""
-        dtype = next(self.model.parameters()).dtype
+        dtype = model_dtype(self.model)
         formats = (
             ("CSR int64 (torch default)", torch.int64, "8 per nonzero"),
             ("CSR int32 (backend torch)", torch.int32, "4 per nonzero"),
@@ -576,10 +577,6 @@ def _patterns(patterns: Sequence[str] | None, what: str) -> tuple[str, ...] | No
             "include is an empty list, which selects no layer: give glob patterns, or None for the default"
         )
     return tuple(patterns) if patterns is not None else None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _logical_shape(module: nn.Module) -> tuple[int, int]:
