@@ -27,11 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from .batching import Batch, padded_batches
-from .criteria import InputNormAccumulator
+from .input_stats import HessianAccumulator, InputNormAccumulator
 from .models import model_device, model_dtype
 from .progress import Progress
 from .reconstruction import block_output, reconstruct_block
-from .sparsegpt import HessianAccumulator
 
 Stat = Literal["norms", "hessians"]
 

@@ -1,112 +1,223 @@
-"""Pruning criteria for one layer: magnitude, Wanda and N:M keep-masks.
+"""Criteria applied to a model's layers: magnitude, Wanda, SparseGPT and ADMM, with their calibration.
 
-Every function takes a weight in the ``nn.Linear`` orientation ``[out_features, in_features]``
-(callers transpose GPT-2's ``Conv1D`` weight first). Scores are float32; masks are bool with
-``True`` meaning *kept*. Ties are always broken the same way: the lower input index is kept.
+Two calibrations for the data-aware criteria (Wanda, SparseGPT, ADMM on SparseGPT's Hessians):
+
+* ``once`` (the default): every layer's statistics come from the *dense* model in one pass, are kept
+  by the session's :class:`~jupyter_sparsify.calibration.Calibrator`, and every later apply, at any
+  amount, scope or pattern, reuses them: only the per-layer algorithm runs.
+* ``sequential`` (as in the papers): block by block, the statistics of block i are taken on the
+  outputs of blocks < i *after* those were pruned, so later layers see (and, for SparseGPT and ADMM,
+  compensate) the errors of earlier ones. It depends on the pruning, so it runs at every apply. Block
+  reconstruction (``reconstruct``, :mod:`.reconstruction`) needs it.
+
+Wanda with the global scope compares all layers at once, so it always takes the dense model's norms.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-from torch import Tensor
+
+from .admm import admm_prune
+from .calibration import Calibrator, available_memory_bytes
+from .layers import PrunableLayer, weight_matrix
+from .progress import Progress
+from .pruning import prune_in_place
+from .scores import magnitude_scores, wanda_scores
+from .sparsegpt import sparsegpt_prune
+
+CRITERIA = ("magnitude", "wanda", "sparsegpt", "admm")
+CALIBRATIONS = ("once", "sequential")
+DEFAULT_SCOPES = {"magnitude": "global", "wanda": "row", "sparsegpt": "row", "admm": "row"}  # each one's good form
+SCOPES_OF = {
+    "magnitude": ("global", "layer", "row"),
+    "wanda": ("row", "layer", "global"),
+    "sparsegpt": ("row", "layer"),
+    "admm": ("row", "layer"),
+}
+_FROM_HESSIANS = {"sparsegpt": sparsegpt_prune, "admm": admm_prune}  # per-layer algorithms on Hessians
 
 
-def magnitude_scores(weight: Tensor) -> Tensor:
-    """Importance ``|W|`` (float32)."""
-    return weight.detach().abs().float()
+@dataclass(frozen=True)
+class PruneSettings:
+    """What ``Session.apply`` was asked to do, validated."""
+
+    amount: float
+    mode: str
+    criterion: str = "magnitude"
+    scope: str = "global"
+    pattern: tuple[int, int] | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    backend: str | None = None
+    reconstruct: bool = False
+    calibration: str = "once"
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and charts, e.g. ``CSR 30%`` or ``Masked 2:4 wanda``."""
+        if self.mode == "dense":
+            return "Dense"
+        level = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{self.amount:.0%}"
+        extras = [] if self.criterion == "magnitude" else [self.criterion]
+        if self.scope != "global" and not self.pattern:
+            extras.append(self.scope)
+        if self.reconstruct:
+            extras.append("+recon")
+        elif self.calibration == "sequential" and self.criterion != "magnitude":
+            extras.append("sequential")
+        return " ".join([{"masked": "Masked", "csr": "CSR"}[self.mode], level, *extras])
 
 
-def wanda_scores(weight: Tensor, input_norm: Tensor) -> Tensor:
-    """Wanda importance ``|W_ij| * ||X_j||_2`` where ``input_norm[j]`` is the L2 norm of input j.
+DENSE = PruneSettings(amount=0.0, mode="dense")
 
-    ``input_norm`` has shape ``[in_features]`` (see :class:`InputNormAccumulator`).
-    """
-    if input_norm.shape != (weight.shape[-1],):
+
+def default_scope(criterion: str) -> str:
+    """The scope a criterion uses when none is given: global for magnitude (the course notebook's), row otherwise."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    return DEFAULT_SCOPES[criterion]
+
+
+def validate_calibration(calibration: str | None, reconstruct: bool) -> str:
+    """``once`` or ``sequential``; ``None`` means ``sequential`` with reconstruction, else ``once``."""
+    if calibration is None:
+        return "sequential" if reconstruct else "once"
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
+    if reconstruct and calibration == "once":
         raise ValueError(
-            f"input_norm must have shape [{weight.shape[-1]}] (one norm per input column); got {list(input_norm.shape)}"
+            "reconstruct tunes each block on the outputs of the already pruned blocks before it, which needs "
+            "calibration='sequential' (--calibration sequential); calibration='once' takes every statistic "
+            "from the dense model"
         )
-    return magnitude_scores(weight) * input_norm.detach().float().to(weight.device)
+    return calibration
 
 
-def prune_count(in_features: int, sparsity: float) -> int:
-    """Weights to prune per output row: ``sparsity * in_features`` rounded half up."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")
-    return math.floor(sparsity * in_features + 0.5)
-
-
-def row_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
-    """Keep-mask pruning the :func:`prune_count` lowest scores of every row (Wanda's grouping)."""
-    pruned = prune_count(scores.shape[-1], sparsity)
-    return keep_top(scores, scores.shape[-1] - pruned)
-
-
-def nm_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
-    """N:M keep-mask: exactly ``n`` kept (the highest scores) in every ``m`` consecutive inputs.
-
-    ``"2:4"`` keeps 2 of every 4 (50% sparsity, NVIDIA semantics); ``"4:8"`` keeps 4 of 8.
-    """
-    check_nm(scores.shape[-1], n, m)
-    groups = scores.reshape(*scores.shape[:-1], -1, m)
-    return keep_top(groups, n).reshape(scores.shape)
-
-
-def check_nm(in_features: int, n: int, m: int) -> None:
-    """Raise ``ValueError`` unless ``0 < n < m`` (as :func:`~jupyter_sparsify.pruning.parse_pattern`) and ``m``
-    divides ``in_features``."""
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M (2:4 keeps 2 of every 4); got {n}:{m}")
-    if in_features % m:
+def validate_criterion(criterion: str, scope: str, pattern: tuple[int, int] | None, reconstruct: bool = False) -> str:
+    """Check the criterion name, that it can work with the scope, and with block reconstruction."""
+    default_scope(criterion)
+    if criterion in _FROM_HESSIANS and scope == "global" and pattern is None:
         raise ValueError(
-            f"N:M sparsity {n}:{m} needs the layer width (in_features={in_features}) to be a "
-            f"multiple of {m}; skip this layer or use unstructured sparsity for it"
+            f"criterion {criterion!r} rebuilds each layer from its own Hessian, so one global threshold "
+            "across layers does not apply: use scope='row' (or 'layer'), or a pattern such as 2:4"
+        )
+    if reconstruct and not _block_by_block(criterion, scope, pattern):
+        raise ValueError(
+            f"reconstruct tunes each block after it is pruned, which needs a criterion that calibrates block "
+            f"by block: wanda (scope 'row' or 'layer', or a pattern), sparsegpt or admm; not {criterion!r} "
+            f"with scope {scope!r}"
+        )
+    return criterion
+
+
+def _block_by_block(criterion: str, scope: str, pattern: tuple[int, int] | None) -> bool:
+    """Whether the criterion prunes the model block by block on calibration data."""
+    if criterion == "magnitude":
+        return False
+    return not (criterion == "wanda" and scope == "global" and pattern is None)
+
+
+def prune_with_criterion(
+    layers: Sequence[PrunableLayer],
+    settings: PruneSettings,
+    report: Progress,
+    calibrator: Calibrator,
+) -> None:
+    """Prune ``layers`` of the (dense) model in place as ``settings`` says."""
+    modules = [(layer.name, layer.module) for layer in layers]
+    if settings.criterion == "magnitude":
+        prune_in_place(
+            layers,
+            lambda layer: magnitude_scores(weight_matrix(layer.module)),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
+            progress=report,
+        )
+    elif settings.criterion == "wanda" and (
+        settings.calibration == "once" or not _block_by_block(settings.criterion, settings.scope, settings.pattern)
+    ):
+        norms = calibrator.norms(modules, report)
+        prune_in_place(
+            layers,
+            lambda layer: wanda_scores(weight_matrix(layer.module), norms[layer.name]),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
+            progress=report,
+        )
+    elif settings.calibration == "once" and _hessians_fit(calibrator, modules):
+        hessians, done = calibrator.hessians(modules, report), 0
+        for group in _sharing_a_hessian(layers, hessians, settings):
+            _prune_rows_together(group, hessians[group[0].name], settings)
+            done += len(group)
+            report(done, len(layers), f"{settings.criterion} {group[-1].name}")
+    else:
+        prune, by_name = _pruner(settings), {layer.name: layer for layer in layers}
+
+        def on_block(index: int, stats: dict[str, torch.Tensor]) -> None:
+            for name, statistic in stats.items():
+                prune(by_name[name], statistic)
+
+        want = "hessians" if settings.criterion in _FROM_HESSIANS else "norms"
+        calibrator.sequential(modules, want, on_block, report, reconstruct=settings.reconstruct)
+
+
+def _hessians_fit(calibrator: Calibrator, modules: list) -> bool:
+    """Whether the Hessians to cache fit half of the memory available now; if not, say so (sequential instead)."""
+    needed, available = calibrator.hessian_bytes(modules), available_memory_bytes()
+    if available is None or needed <= available // 2:
+        return True
+    warnings.warn(
+        f"jupyter_sparsify: the Hessians for calibration='once' need up to {needed / 2**30:.1f} GiB and "
+        f"{available / 2**30:.1f} GiB is free; calibrating block by block instead (calibration='sequential')",
+        stacklevel=2,
+    )
+    return False
+
+
+def _sharing_a_hessian(
+    layers: Sequence[PrunableLayer], hessians: dict[str, torch.Tensor], settings: PruneSettings
+) -> list[list[PrunableLayer]]:
+    """Layers that can be pruned as one matrix: those reading the same input (q/k/v, gate/up) share a Hessian,
+    and with every row pruned on its own (scope ``row`` or a pattern) their rows can be stacked, so that one
+    factorisation and one sweep serve them all. With scope ``layer`` each layer keeps its own quota."""
+    if settings.scope == "layer" and not settings.pattern:
+        return [[layer] for layer in layers]
+    groups: dict[int, list[PrunableLayer]] = {}
+    for layer in layers:
+        groups.setdefault(id(hessians[layer.name]), []).append(layer)
+    return list(groups.values())
+
+
+def _prune_rows_together(group: list[PrunableLayer], hessian: torch.Tensor, settings: PruneSettings) -> None:
+    """Run SparseGPT / ADMM once on the rows of every layer in ``group`` stacked, and write each layer's rows back."""
+    weights = [weight_matrix(layer.module) for layer in group]
+    scope = "row" if settings.pattern else settings.scope  # a pattern fixes every row's count
+    stacked = torch.cat([weight.detach() for weight in weights]) if len(weights) > 1 else weights[0].detach()
+    pruned = _FROM_HESSIANS[settings.criterion](stacked, hessian, settings.amount, nm=settings.pattern, scope=scope)
+    with torch.no_grad():
+        for weight, rows in zip(weights, pruned.split([w.shape[0] for w in weights])):
+            weight.copy_(rows)
+
+
+def _pruner(settings: PruneSettings):
+    """How one layer is pruned from its calibration statistic (Wanda's norms or a Hessian)."""
+
+    def wanda(layer: PrunableLayer, norm: torch.Tensor) -> None:
+        prune_in_place(
+            [layer],
+            lambda _: wanda_scores(weight_matrix(layer.module), norm),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
         )
 
+    def from_hessian(layer: PrunableLayer, hessian: torch.Tensor) -> None:
+        _prune_rows_together([layer], hessian, settings)
 
-def token_rows(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Flatten inputs ``[..., in]`` to ``[tokens, in]``, keeping only positions where mask is true.
-
-    The mask (e.g. an attention mask ``[batch, seq]``) is applied when it has one entry per
-    position, also when the layer sees the positions flattened (OPT feeds ``[batch * seq, in]``);
-    otherwise (or when ``None``) every position counts.
-    """
-    rows = x.detach().reshape(-1, x.shape[-1])
-    if mask is not None and mask.numel() == rows.shape[0]:
-        rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
-    return rows
-
-
-class InputNormAccumulator:
-    """Accumulates ``||X_j||_2`` over calibration tokens for one layer (Wanda's input norms)."""
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
-        self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
-        """Add inputs ``[..., in]``; positions where ``mask`` is false (padding) are skipped."""
-        rows = token_rows(x, mask)
-        self.sum_squares += rows.double().square().sum(dim=0).to(self.sum_squares.device)
-        self.tokens += rows.shape[0]
-
-    def result(self) -> Tensor:
-        """The per-input-column L2 norms, float32 ``[in]``."""
-        return self.sum_squares.sqrt().float()
-
-
-def keep_top(scores: Tensor, keep: int) -> Tensor:
-    """Bool mask keeping the ``keep`` highest scores along the last dim (ties: lower index).
-
-    One ``kthvalue`` per row instead of a sort: the scores above the keep-th highest, then as
-    many of those equal to it as are still needed, lowest index first.
-    """
-    width = scores.shape[-1]
-    if keep <= 0 or keep >= width:
-        return torch.full(scores.shape, keep > 0, dtype=torch.bool, device=scores.device)
-    cutoff = scores.kthvalue(width - keep + 1, dim=-1, keepdim=True).values
-    above = scores > cutoff
-    ties = scores == cutoff
-    needed = keep - above.sum(dim=-1, keepdim=True)
-    return above | (ties & (ties.cumsum(dim=-1) <= needed))
+    return wanda if settings.criterion == "wanda" else from_hessian

@@ -16,11 +16,11 @@ from torch import nn
 
 from .charts import write_report
 from .corpus import check_next_token_targets, validate_texts
+from .criteria import CALIBRATIONS
 from .kernels import KernelUnavailableError
 from .models import ModelLoadError, load_model, model_dtype
 from .progress import silent
 from .session import all_sessions, existing_session, forget_session, session_for
-from .strategies import CALIBRATIONS
 
 SUBCOMMANDS = ("load", "prune", "stats", "layers", "compare", "reset", "history", "panel", "sensitivity", "corpus")
 

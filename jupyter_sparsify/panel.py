@@ -11,8 +11,8 @@ from IPython.display import HTML, display
 from jupyter_bokeh.widgets import BokehModel
 
 from .charts import LayerChart, VariantCharts, write_report
+from .criteria import CALIBRATIONS, CRITERIA, SCOPES_OF, default_scope
 from .session import Session
-from .strategies import CALIBRATIONS, CRITERIA, SCOPES_OF, default_scope
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 STATIC_CLASS = "jupyter-sparsify-static"

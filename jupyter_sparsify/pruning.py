@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .criteria import nm_keep_mask, prune_count, row_keep_mask
 from .layers import PrunableLayer, weight_matrix
+from .masks import layer_keep_mask, mark_ties, nm_keep_mask, prune_count, row_keep_mask
 from .progress import Progress
 
 SCOPES = ("global", "layer", "row")
@@ -84,37 +84,20 @@ def prune_in_place(
         return raw_score_of(layer).float().contiguous()
 
     if pattern is not None:
-        _apply_per_layer(layers, score_of, lambda scores: ~nm_keep_mask(scores, *pattern), progress)
+        _apply_per_layer(layers, score_of, lambda scores: nm_keep_mask(scores, *pattern), progress)
     elif scope == "row":
-        _apply_per_layer(layers, score_of, lambda scores: ~row_keep_mask(scores, amount), progress)
+        _apply_per_layer(layers, score_of, lambda scores: row_keep_mask(scores, amount), progress)
     elif scope == "layer":
-        _apply_per_layer(
-            layers, score_of, lambda scores: lowest_k_mask(scores, prune_count(scores.numel(), amount)), progress
-        )
+        _apply_per_layer(layers, score_of, lambda scores: layer_keep_mask(scores, amount), progress)
     else:
         _apply_global(layers, score_of, amount, progress)
 
 
-def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (True = prune) of exactly the ``k`` lowest scores; ties go to the earliest positions."""
-    flat = scores.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k <= 0:
-        return mask.view_as(scores)
-    if k >= flat.numel():
-        return ~mask.view_as(scores)
-    threshold = flat.kthvalue(k).values
-    below = flat < threshold
-    mask |= below
-    _take_ties(flat, threshold, k - int(below.sum()), mask)
-    return mask.view_as(scores)
-
-
-def _apply_per_layer(layers, score_of: ScoreFn, mask_of, progress: Progress | None) -> None:
+def _apply_per_layer(layers, score_of: ScoreFn, keep_of, progress: Progress | None) -> None:
     for index, layer in enumerate(layers):
         weight = weight_matrix(layer.module)
         with torch.no_grad():
-            weight.masked_fill_(mask_of(score_of(layer)), 0)
+            weight.masked_fill_(~keep_of(score_of(layer)), 0)
         _report(progress, index + 1, len(layers), layer.name)
 
 
@@ -131,9 +114,9 @@ def _apply_global(layers, score_of: ScoreFn, amount: float, progress: Progress |
             if take in (0, present):  # no tie to break here: one comparison, and mul_ is twice as fast as masked_fill_
                 weight.mul_(scores > threshold if take else scores >= threshold)
             else:
-                mask = scores < threshold
-                _take_ties(scores.reshape(-1), threshold, take, mask.view(-1))
-                weight.masked_fill_(mask, 0)
+                prune = scores < threshold
+                mark_ties(scores.reshape(-1), threshold, take, prune.view(-1))
+                weight.masked_fill_(prune, 0)
         _report(progress, index + 1, len(layers), layer.name)
 
 
@@ -180,12 +163,6 @@ def _sample_bracket(layers, score_of: ScoreFn, fraction: float, total: int) -> t
     quantiles = torch.tensor([max(0.0, fraction - margin), min(1.0, fraction + margin)])
     low, high = torch.quantile(sample, quantiles)
     return low, high
-
-
-def _take_ties(flat: torch.Tensor, threshold: torch.Tensor, count: int, mask_flat: torch.Tensor) -> None:
-    """Mark the first ``count`` scores equal to ``threshold``."""
-    if count > 0:
-        mask_flat[(flat == threshold).nonzero().reshape(-1)[:count]] = True
 
 
 def _report(progress: Progress | None, done: int, total: int, message: str) -> None:

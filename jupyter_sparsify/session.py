@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -13,6 +12,14 @@ from torch import nn
 
 from . import metrics
 from .corpus import SEED_TEXTS, check_next_token_targets, validate_texts
+from .criteria import (
+    DENSE,
+    PruneSettings,
+    default_scope,
+    prune_with_criterion,
+    validate_calibration,
+    validate_criterion,
+)
 from .evaluation import check_vocabulary, encode_corpus, flat_predictions, run_corpus
 from .formats import CSRLinear, validate_backend
 from .latency import measure_against_dense
@@ -20,12 +27,6 @@ from .layers import PrunableLayer, head_module_names, linear_layers, select_laye
 from .models import model_device, model_dtype
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
-from .strategies import (
-    default_scope,
-    prune_with_criterion,
-    validate_calibration,
-    validate_criterion,
-)
 
 MODES = ("dense", "masked", "csr")
 HISTORY_COLUMNS = (
@@ -50,40 +51,6 @@ HISTORY_COLUMNS = (
     "decode_speedup",
     "eval_tokens",
 )
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """What ``Session.apply`` was asked to do, validated."""
-
-    amount: float
-    mode: str
-    criterion: str = "magnitude"
-    scope: str = "global"
-    pattern: tuple[int, int] | None = None
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    backend: str | None = None
-    reconstruct: bool = False
-    calibration: str = "once"
-
-    @property
-    def label(self) -> str:
-        """A short name for tables and charts, e.g. ``CSR 30%`` or ``Masked 2:4 wanda``."""
-        if self.mode == "dense":
-            return "Dense"
-        level = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{self.amount:.0%}"
-        extras = [] if self.criterion == "magnitude" else [self.criterion]
-        if self.scope != "global" and not self.pattern:
-            extras.append(self.scope)
-        if self.reconstruct:
-            extras.append("+recon")
-        elif self.calibration == "sequential" and self.criterion != "magnitude":
-            extras.append("sequential")
-        return " ".join([{"masked": "Masked", "csr": "CSR"}[self.mode], level, *extras])
-
-
-DENSE = PruneSettings(amount=0.0, mode="dense")
 
 
 class Session:

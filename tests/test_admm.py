@@ -8,8 +8,10 @@ import torch
 from test_criteria import _correlated_layer, _relative_error
 
 from jupyter_sparsify.admm import admm_prune
-from jupyter_sparsify.criteria import magnitude_scores, nm_keep_mask, prune_count
-from jupyter_sparsify.sparsegpt import HessianAccumulator, sparsegpt_prune
+from jupyter_sparsify.input_stats import HessianAccumulator
+from jupyter_sparsify.masks import nm_keep_mask, prune_count
+from jupyter_sparsify.scores import magnitude_scores
+from jupyter_sparsify.sparsegpt import sparsegpt_prune
 
 
 @pytest.mark.parametrize("scope", ["row", "layer"])

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from jupyter_sparsify.criteria import prune_count
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.layers import find_prunable_layers, weight_matrix
+from jupyter_sparsify.masks import prune_count
 from jupyter_sparsify.session import Session
 
 from helpers import ARCHITECTURES, assert_same_function, corpus_logits, state_checksum, tiny_model

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from jupyter_sparsify.calibration import _batches, _capture_inputs, decoder_layers
-from jupyter_sparsify.criteria import magnitude_scores, row_keep_mask
+from jupyter_sparsify.masks import row_keep_mask
 from jupyter_sparsify.reconstruction import block_output, reconstruct_block, relative_error
+from jupyter_sparsify.scores import magnitude_scores
 from jupyter_sparsify.session import Session
 
 from helpers import ARCHITECTURES, state_checksum, tiny_model

@@ -8,8 +8,8 @@ import torch
 from torch.nn.utils import prune
 
 from jupyter_sparsify.calibration import collect_input_stats
+from jupyter_sparsify.criteria import CRITERIA, DEFAULT_SCOPES
 from jupyter_sparsify.session import Session, existing_session, forget_session, session_for
-from jupyter_sparsify.strategies import CRITERIA, DEFAULT_SCOPES
 
 from helpers import state_checksum, tiny_model
 

@@ -1,0 +1,58 @@
+"""What calibration measures of a layer's inputs: Wanda's input norms and the Hessians of SparseGPT / ADMM.
+
+Both accumulate over the real (attention mask 1) calibration tokens, batch by batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def token_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Flatten inputs ``[..., in]`` to ``[tokens, in]``, keeping only positions where mask is true.
+
+    The mask (e.g. an attention mask ``[batch, seq]``) is applied when it has one entry per
+    position, also when the layer sees the positions flattened (OPT feeds ``[batch * seq, in]``);
+    otherwise (or when ``None``) every position counts.
+    """
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if mask is not None and mask.numel() == rows.shape[0]:
+        rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+    return rows
+
+
+class InputNormAccumulator:
+    """Accumulates ``||X_j||_2`` over calibration tokens for one layer (Wanda's input norms)."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Add inputs ``[..., in]``; positions where ``mask`` is false (padding) are skipped."""
+        rows = token_rows(x, mask)
+        self.sum_squares += rows.double().square().sum(dim=0).to(self.sum_squares.device)
+        self.tokens += rows.shape[0]
+
+    def result(self) -> Tensor:
+        """The per-input-column L2 norms, float32 ``[in]``."""
+        return self.sum_squares.sqrt().float()
+
+
+class HessianAccumulator:
+    """Accumulates ``H = (1/N) Σ x xᵀ`` (float32 ``[in, in]``) over the N calibration tokens."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.sum_xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Add inputs ``[..., in]``; positions where ``mask`` is false (padding) are skipped."""
+        rows = token_rows(x, mask).float().to(self.sum_xxt.device)
+        self.sum_xxt.addmm_(rows.T, rows)
+        self.tokens += rows.shape[0]
+
+    def result(self) -> Tensor:
+        """The mean outer product ``(1/N) Σ x xᵀ`` (all zeros when no token was seen)."""
+        return self.sum_xxt / max(self.tokens, 1)
