@@ -168,7 +168,7 @@ def report_html(
 
 def write_report(path: str | Path, history: pd.DataFrame, layers: pd.DataFrame | None = None) -> Path:
     """Write :func:`report_html` to ``path`` (folders created); returns the path."""
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report_html(history, layers), encoding="utf-8")
     return path

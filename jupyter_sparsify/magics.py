@@ -195,6 +195,9 @@ class SparsifyMagics(Magics):
             )
         except (ValueError, TypeError, ModelLoadError, KernelUnavailableError) as error:
             raise UsageError(str(error)) from None
+        except OSError as error:  # a path that cannot be written or read: say which and why, in one line
+            where = f": {error.filename}" if error.filename else ""
+            raise UsageError(f"{error.strerror or error}{where}") from None
 
     # -- subcommands ------------------------------------------------------------------------
 

@@ -199,7 +199,11 @@ class Session:
         except BaseException:
             self._restore_dense()
             if previous.mode != "dense":
-                self._prune(previous, self._layers_for(previous), None)
+                try:
+                    self._prune(previous, self._layers_for(previous), silent)
+                except BaseException:  # e.g. a second Ctrl-C while re-pruning: dense, and the settings say so
+                    self._restore_dense()
+                    raise
             raise
         return settings
 
@@ -298,18 +302,31 @@ class Session:
         self.settings, self._pruned = settings, layers
 
     def _restore_dense(self) -> None:
-        for layer in self._candidates:
-            if getattr(layer.parent, layer.attr) is not layer.module:
-                setattr(layer.parent, layer.attr, layer.module)
-            original = self._originals.get(layer.name)
-            if original is None:
-                continue
+        """Every layer back to its dense original. Atomic in effect: an interrupt is held until the last layer
+        is restored (each step is a copy), then raised, so the settings always describe the weights."""
+        pending, interrupt = list(self._candidates), None
+        while pending:
+            try:
+                while pending:
+                    self._restore_layer(pending[0])
+                    pending.pop(0)
+            except KeyboardInterrupt as error:
+                interrupt = error
+        self.settings, self._pruned = DENSE, []
+        if interrupt is not None:
+            raise interrupt
+
+    def _restore_layer(self, layer: PrunableLayer) -> None:
+        """Put back one layer's dense weight, then its module (idempotent: safe to run again)."""
+        original = self._originals.get(layer.name)
+        if original is not None:
             with torch.no_grad():
                 if layer.module.weight.data.shape == original.shape:
                     layer.module.weight.data.copy_(original)
                 else:
                     layer.module.weight.data = original.clone()
-        self.settings, self._pruned = DENSE, []
+        if getattr(layer.parent, layer.attr) is not layer.module:
+            setattr(layer.parent, layer.attr, layer.module)
 
     @contextmanager
     def dense_view(self) -> Iterator[None]:
@@ -420,8 +437,8 @@ class Session:
         return pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS))
 
     def to_csv(self, path: str | Path) -> Path:
-        """Write :attr:`history` as CSV; returns the path."""
-        path = Path(path)
+        """Write :attr:`history` as CSV; returns the path (``~`` is the home folder)."""
+        path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.history.to_csv(path, index=False)
         return path

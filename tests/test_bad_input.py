@@ -138,3 +138,50 @@ def test_corpora_that_give_nothing_to_measure_are_refused_up_front(tokenizer, te
     with pytest.raises(ValueError, match=words):
         session.set_texts(texts)
     assert session.texts == before and session.measure()["eval_tokens"] > 0
+
+
+def test_a_second_interrupt_during_the_rollback_leaves_a_dense_model_that_says_so(pruned_session, monkeypatch):
+    """Ctrl-C during a CSR apply, and again while the previous CSR 30 % is being rebuilt: the model ends dense
+    (bit-exact) and the settings say Dense, never a "Dense" label over pruned weights."""
+    import jupyter_sparsify.formats as formats
+
+    pruned_session.reset()
+    dense = state_checksum(pruned_session.model)
+    pruned_session.apply(0.3, mode="csr", progress=lambda *a: None)
+    calls = {"n": 0}
+    real = formats.CSRLinear.from_dense.__func__
+
+    def interrupted_twice(cls, module, backend=None):
+        calls["n"] += 1
+        if calls["n"] in (3, 8):  # in the apply, then in the rollback's rebuild
+            raise KeyboardInterrupt
+        return real(cls, module, backend)
+
+    monkeypatch.setattr(formats.CSRLinear, "from_dense", classmethod(interrupted_twice))
+    with pytest.raises(KeyboardInterrupt):
+        pruned_session.apply(0.5, mode="csr", progress=lambda *a: None)
+    monkeypatch.undo()
+    assert pruned_session.settings.label == "Dense" and state_checksum(pruned_session.model) == dense
+    assert pruned_session.measure()["sparsity_prunable"] == 0.0
+
+
+def test_an_interrupted_reset_still_restores_every_layer(pruned_session, monkeypatch):
+    dense_session_layers = len(pruned_session._candidates)
+    calls = {"n": 0}
+    real = type(pruned_session)._restore_layer
+
+    def interrupted_once(self, layer):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, layer)
+
+    monkeypatch.setattr(type(pruned_session), "_restore_layer", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        pruned_session.reset()
+    monkeypatch.undo()
+    assert calls["n"] == dense_session_layers + 1  # the interrupted layer was done again, then the rest
+    assert pruned_session.settings.label == "Dense"
+    assert not any(type(m).__name__ == "CSRLinear" for m in pruned_session.model.modules())
+    row = pruned_session.measure()  # no 0-element weight left behind
+    assert row["sparsity_prunable"] == 0.0 and row["top1_match"] == 1.0

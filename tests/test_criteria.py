@@ -102,7 +102,7 @@ def test_keep_top_keeps_the_highest_and_gives_ties_to_the_lower_index(levels):
 def test_nm_keep_mask_rejects_bad_widths_and_patterns():
     with pytest.raises(ValueError, match="in_features=6"):
         nm_keep_mask(torch.rand(3, 6), 2, 4)
-    with pytest.raises(ValueError, match="0 < N <= M"):
+    with pytest.raises(ValueError, match="0 < N < M"):
         nm_keep_mask(torch.rand(3, 8), 5, 4)
 
 

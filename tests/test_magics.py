@@ -136,6 +136,8 @@ def test_corpus_cell_changes_later_measurements(shell, tiny):
         ("load --as onlyone", "--as takes two variable names"),
         ("load /no/such/model.gguf", "GGUF file not found"),
         ("corpus", "cell magic"),
+        ("history tiny --csv /tmp", "Is a directory"),
+        ("history tiny --csv /proc/x.csv", "/proc/x.csv"),
     ],
 )
 def test_errors_are_one_line_usage_errors_and_change_nothing(shell, tiny, line, words):
