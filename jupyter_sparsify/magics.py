@@ -20,6 +20,7 @@ from .criteria import CALIBRATIONS
 from .kernels import KernelUnavailableError
 from .models import ModelLoadError, load_model, model_dtype
 from .progress import silent
+from .pruning import validate_amount
 from .session import all_sessions, existing_session, forget_session, session_for
 
 SUBCOMMANDS = ("load", "prune", "stats", "layers", "compare", "reset", "history", "panel", "sensitivity", "corpus")
@@ -209,6 +210,7 @@ class SparsifyMagics(Magics):
         previous = self.shell.user_ns.get(names[0])
         if isinstance(previous, nn.Module):
             forget_session(previous)
+            self._tokenizers.pop(id(previous), None)  # the replaced model's tokenizer is not kept alive
         self.shell.user_ns[names[0]], self.shell.user_ns[names[1]] = model, tokenizer
         self._tokenizers[id(model)] = tokenizer
         self._last_model = names[0]
@@ -248,7 +250,8 @@ class SparsifyMagics(Magics):
         from tqdm.auto import tqdm
 
         session = self._session(args)
-        plan = [(amount, mode) for amount in args.amounts for mode in args.modes if amount > 0]
+        amounts = [validate_amount(amount) for amount in args.amounts]  # nan or negative: an error, not dropped
+        plan = [(amount, mode) for amount in amounts for mode in args.modes if amount > 0]
         rows = []
         try:
             session.reset()

@@ -19,6 +19,8 @@ from jupyter_sparsify.masks import keep_top, layer_keep_mask, nm_keep_mask, prun
 from jupyter_sparsify.scores import magnitude_scores, wanda_scores
 from jupyter_sparsify.sparsegpt import sparsegpt_prune
 
+from helpers import tiny_model
+
 TEXTS = [
     "the cat sat on the warm mat near the door",
     "a quick brown fox jumps over the lazy dog again and again while the old farmer watches",
@@ -246,46 +248,6 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=128)).eval()
-
-
-def _opt():
-    """OPT feeds its MLP flattened ``[batch * seq, hidden]`` inputs: the mask must still apply."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        num_hidden_layers=2,
-        ffn_dim=64,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        word_embed_proj_dim=32,
-    )
-    return OPTForCausalLM(config).eval()
-
-
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = decoder_layers(model)
     return [
@@ -297,9 +259,9 @@ def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-@pytest.fixture(params=["llama", "gpt2", "opt"])
+@pytest.fixture(params=["llama", "gpt2", "opt"])  # OPT feeds its MLP flattened [batch * seq, hidden] inputs
 def model(request):
-    return {"llama": _llama, "gpt2": _gpt2, "opt": _opt}[request.param]()
+    return tiny_model(request.param, vocab_size=1000)
 
 
 @pytest.mark.parametrize("want", ["norms", "hessians"])
@@ -315,7 +277,7 @@ def test_padding_does_not_change_the_statistics(model, want):
 
 
 def test_statistics_match_the_module_inputs():
-    model, tokenizer = _llama(), _word_tokenizer()
+    model, tokenizer = tiny_model("llama", vocab_size=1000), _word_tokenizer()
     name, module = "model.layers.1.mlp.down_proj", model.model.layers[1].mlp.down_proj
     stats = collect_input_stats(model, tokenizer, TEXTS, [(name, module)], want="hessians")
     inputs = []
@@ -329,7 +291,7 @@ def test_statistics_match_the_module_inputs():
 
 
 def test_hessian_groups_give_the_same_statistics():
-    model, tokenizer = _llama(), _word_tokenizer()
+    model, tokenizer = tiny_model("llama", vocab_size=1000), _word_tokenizer()
     modules = _prunable(model)
     together = collect_input_stats(model, tokenizer, TEXTS, modules, want="hessians")
     grouped = collect_input_stats(model, tokenizer, TEXTS, modules, want="hessians", group_size=3)
@@ -338,7 +300,7 @@ def test_hessian_groups_give_the_same_statistics():
 
 
 def test_calibration_argument_edge_cases():
-    model, tokenizer = _llama(), _word_tokenizer()
+    model, tokenizer = tiny_model("llama", vocab_size=1000), _word_tokenizer()
     assert collect_input_stats(model, tokenizer, TEXTS, [], want="hessians") == {}
     with pytest.raises(ValueError, match="group_size"):
         collect_input_stats(model, tokenizer, TEXTS, _prunable(model), want="hessians", group_size=0)
@@ -395,7 +357,7 @@ def test_sequential_matches_one_shot_when_nothing_is_pruned(model):
 
 
 def test_sequential_sees_the_pruned_earlier_blocks():
-    model, tokenizer = _llama(), _word_tokenizer()
+    model, tokenizer = tiny_model("llama", vocab_size=1000), _word_tokenizer()
     modules = _prunable(model)
     one_shot = collect_input_stats(model, tokenizer, TEXTS, modules, want="norms")
 
@@ -421,7 +383,7 @@ def test_sequential_sees_the_pruned_earlier_blocks():
 
 
 def test_sequential_rejects_modules_outside_the_blocks():
-    model, tokenizer = _llama(), _word_tokenizer()
+    model, tokenizer = tiny_model("llama", vocab_size=1000), _word_tokenizer()
     with pytest.raises(ValueError, match="lm_head"):
         collect_sequential(
             model, tokenizer, TEXTS, decoder_layers(model), [("lm_head", model.lm_head)], lambda index, stats: None

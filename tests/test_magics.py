@@ -137,6 +137,8 @@ def test_corpus_cell_changes_later_measurements(shell, tiny):
         ("load /no/such/model.gguf", "GGUF file not found"),
         ("corpus", "cell magic"),
         ("history tiny --csv /tmp", "Is a directory"),
+        ("compare tiny --amounts 0 nan 0.5", "amount must be in [0, 1)"),
+        ("compare tiny --amounts 0 -0.3", "amount must be in [0, 1)"),
         ("history tiny --csv /proc/x.csv", "/proc/x.csv"),
     ],
 )
