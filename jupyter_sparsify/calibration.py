@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .batching import Batch, padded_batches
 from .input_stats import HessianAccumulator, InputNormAccumulator
-from .models import model_device, model_dtype
+from .models import context_limit, model_device, model_dtype
 from .progress import Progress
 from .reconstruction import block_output, reconstruct_block
 
@@ -88,7 +88,7 @@ def collect_input_stats(
     """
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be at least 1 (or None for one pass); got {group_size}")
-    batches = _batches(tokenizer, texts, max_length, batch_size, model_device(model))
+    batches = _batches(tokenizer, texts, context_limit(model, max_length), batch_size, model_device(model))
     size = max(1, len(modules) if want == "norms" or group_size is None else group_size)
     groups = [modules[i : i + size] for i in range(0, len(modules), size)]
     stats: dict[str, Tensor] = {}
@@ -133,7 +133,7 @@ def collect_sequential(
         Others: as in :func:`collect_input_stats`.
     """
     owner = _owners(layers, modules)
-    batches = _batches(tokenizer, texts, max_length, batch_size, model_device(model))
+    batches = _batches(tokenizer, texts, context_limit(model, max_length), batch_size, model_device(model))
     with _eval_mode(model), torch.no_grad():
         inputs = _capture_inputs(model, layers[0], batches)
         for index, layer in enumerate(layers):

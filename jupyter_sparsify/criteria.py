@@ -69,6 +69,10 @@ class PruneSettings:
             extras.append("+recon")
         elif self.calibration == "sequential" and self.criterion != "magnitude":
             extras.append("sequential")
+        if self.include:  # a part of the model is its own variant in tables and charts
+            extras.append("include " + ",".join(self.include))
+        if self.exclude:
+            extras.append("exclude " + ",".join(self.exclude))
         return " ".join([{"masked": "Masked", "csr": "CSR"}[self.mode], level, *extras])
 
 

@@ -26,7 +26,10 @@ def cache_dir() -> Path:
 
     ``$JUPYTER_SPARSIFY_CACHE`` overrides the default ``~/.cache/jupyter_sparsify``.
     """
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jupyter_sparsify")
+    path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "jupyter_sparsify").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"${CACHE_ENV} points to {path}, which is a file: point it at a folder (or unset it)")
+    return path
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -175,6 +178,13 @@ def _save_converted(model: nn.Module, tokenizer, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(folder)
     (folder / "complete").write_text("ok\n")
+
+
+def context_limit(model: nn.Module, wanted: int) -> int:
+    """``wanted`` tokens, or fewer where the model's config allows fewer positions (e.g. GPT-2's ``n_positions``)."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
+    return min([wanted, *(limit for limit in limits if isinstance(limit, int) and limit > 0)])
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -20,11 +20,11 @@ from .criteria import (
     validate_calibration,
     validate_criterion,
 )
-from .evaluation import check_vocabulary, encode_corpus, flat_predictions, run_corpus
+from .evaluation import MAX_LENGTH, check_vocabulary, encode_corpus, flat_predictions, run_corpus
 from .formats import CSRLinear, validate_backend
 from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
-from .models import model_device, model_dtype
+from .models import context_limit, model_device, model_dtype
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
 
@@ -106,7 +106,7 @@ class Session:
         """Use ``texts`` as the evaluation corpus from now on (the dense reference is recomputed)."""
         cleaned = validate_texts(texts)
         check_next_token_targets(self.tokenizer, cleaned)
-        corpus = encode_corpus(self.tokenizer, cleaned)
+        corpus = encode_corpus(self.tokenizer, cleaned, max_length=context_limit(self.model, MAX_LENGTH))
         check_vocabulary(self.model, corpus)
         with self.dense_view():
             reference = run_corpus(self.model, corpus)

@@ -185,3 +185,31 @@ def test_an_interrupted_reset_still_restores_every_layer(pruned_session, monkeyp
     assert not any(type(m).__name__ == "CSRLinear" for m in pruned_session.model.modules())
     row = pruned_session.measure()  # no 0-element weight left behind
     assert row["sparsity_prunable"] == 0.0 and row["top1_match"] == 1.0
+
+
+def test_a_model_with_a_short_context_is_measured_and_calibrated_within_it(tokenizer):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=2, n_positions=16))
+    session = Session(model.eval(), tokenizer)  # the seed texts are longer than 16 tokens
+    assert max(batch["input_ids"].shape[1] for batch in session._corpus.batches) == 16
+    session.apply(0.5, criterion="wanda", progress=lambda *a: None)
+    assert abs(session.measure()["sparsity_prunable"] - 0.5) < 1e-6
+
+
+def test_a_cache_setting_that_names_a_file_is_refused_at_once(tmp_path, monkeypatch):
+    from jupyter_sparsify.models import ModelLoadError, load_model
+
+    not_a_folder = tmp_path / "cache.txt"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("JUPYTER_SPARSIFY_CACHE", str(not_a_folder))
+    with pytest.raises(ModelLoadError, match="which is a file: point it at a folder"):
+        load_model()
+
+
+def test_a_part_of_the_model_is_a_variant_of_its_own(tokenizer):
+    session = Session(tiny_model("llama"), tokenizer)
+    whole = session.apply(pattern="2:4", progress=lambda *a: None).label
+    part = session.apply(pattern="2:4", include=["*.mlp.*"], progress=lambda *a: None).label
+    assert whole == "Masked 2:4" and part == "Masked 2:4 include *.mlp.*"
