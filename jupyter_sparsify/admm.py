@@ -78,11 +78,13 @@ def admm_prune(
     ramp = max(1, round(iterations * RAMP))
     fitted, sparse, dual = original, original, torch.zeros_like(original)
     for step in range(1, iterations + 1):
-        fitted = ((target + rho * (sparse - dual)) @ eigenvectors / (eigenvalues + rho)) @ eigenvectors.T
-        moved = fitted + dual
+        pulled = torch.sub(sparse, dual).mul_(rho).add_(target)  # W0 H + rho (Z - U), one buffer
+        fitted = (pulled @ eigenvectors).div_(eigenvalues + rho) @ eigenvectors.T
+        moved = fitted.add(dual)
         share = 1.0 - (1.0 - min(1.0, step / ramp)) ** 3
-        sparse = moved * _keep_mask(moved.square() * importance, sparsity * share, nm if share == 1.0 else None, scope)
-        dual = dual + fitted - sparse
+        keep = _keep_mask(moved.square().mul_(importance), sparsity * share, nm if share == 1.0 else None, scope)
+        sparse = moved.mul_(keep)
+        dual.add_(fitted).sub_(sparse)
         rho *= RHO_GROWTH
     if refit_steps:
         sparse = refit_kept_weights(weight, sparse, damped, refit_steps)
