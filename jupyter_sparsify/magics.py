@@ -48,13 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", help="load a model (default: the embedded SmolLM2-135M-Instruct)")
     load.add_argument("source", nargs="?", help="hub name, local directory or .gguf file (default: embedded model)")
     load.add_argument("--as", dest="names", default="model,tokenizer", help="variable names MODEL,TOKENIZER")
-    load.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    load.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="load the weights in this dtype (default: float32 on CPU)",
+    )
 
     prune = commands.add_parser("prune", help="prune MODEL in place (always from the dense original)")
     _model_arguments(prune)
     prune.add_argument("--amount", type=float, default=None, help="fraction to prune, in [0, 1), e.g. 0.3")
     _method_arguments(prune)
-    prune.add_argument("--mode", choices=["masked", "csr"], default="masked")
+    prune.add_argument(
+        "--mode",
+        choices=["masked", "csr"],
+        default="masked",
+        help="masked: zeros in dense tensors; csr: pruned layers stored and run as sparse",
+    )
     prune.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only these layers (names, globs)")
     prune.add_argument("--exclude", nargs="+", default=None, metavar="GLOB", help="leave these layers dense")
     prune.add_argument("--backend", choices=["fast", "torch"], default=None, help="CSR kernels (default: fastest)")
@@ -69,8 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="sweep amounts x modes; leaves MODEL dense")
     _model_arguments(compare)
-    compare.add_argument("--amounts", type=float, nargs="+", default=[0.0, 0.3], metavar="A")
-    compare.add_argument("--modes", nargs="+", choices=["masked", "csr"], default=["masked", "csr"])
+    compare.add_argument(
+        "--amounts",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.3],
+        metavar="A",
+        help="fractions to prune, each in [0, 1); 0 is the dense model",
+    )
+    compare.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["masked", "csr"],
+        default=["masked", "csr"],
+        help="modes to measure at each amount",
+    )
     _method_arguments(compare)
     _latency_arguments(compare)
 
@@ -89,11 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     panel = commands.add_parser("panel", help="open the interactive panel with live charts")
     panel.add_argument("model", help="variable name of the model")
-    panel.add_argument("tokenizer_name", nargs="?", default=None, metavar="TOKENIZER")
+    panel.add_argument(
+        "tokenizer_name",
+        nargs="?",
+        default=None,
+        metavar="TOKENIZER",
+        help="variable name of its tokenizer (default: the one it was loaded with)",
+    )
 
     sensitivity = commands.add_parser("sensitivity", help="top-1 drop when each layer alone is magnitude-pruned")
     _model_arguments(sensitivity)
-    sensitivity.add_argument("--amount", type=float, default=0.5)
+    sensitivity.add_argument("--amount", type=float, default=0.5, help="fraction each layer alone loses")
 
     commands.add_parser("corpus", help="%%%%sparsify corpus: the cell's lines become the evaluation texts")
     return parser
