@@ -23,7 +23,19 @@ from .progress import silent
 from .pruning import validate_amount
 from .session import all_sessions, existing_session, forget_session, session_for
 
-SUBCOMMANDS = ("load", "prune", "stats", "layers", "compare", "reset", "history", "panel", "sensitivity", "corpus")
+SUBCOMMANDS = (
+    "load",
+    "prune",
+    "stats",
+    "layers",
+    "compare",
+    "reset",
+    "generate",
+    "history",
+    "panel",
+    "sensitivity",
+    "corpus",
+)
 
 
 class _HelpShown(Exception):
@@ -99,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reset = commands.add_parser("reset", help="back to the dense original, bit-exact")
     _model_arguments(reset)
+
+    generate = commands.add_parser("generate", help="greedy continuations of a prompt: dense and MODEL as it is now")
+    _model_arguments(generate)
+    generate.add_argument("prompt", help='the text to continue, in quotes: "The capital of France is"')
+    generate.add_argument("--tokens", type=_at_least_one, default=30, help="tokens to generate (default 30)")
 
     history = commands.add_parser("history", help="every measured row")
     history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
@@ -198,6 +215,7 @@ class SparsifyMagics(Magics):
             %sparsify layers MODEL
             %sparsify compare MODEL --amounts 0 0.3 0.5 0.7 [--modes masked csr] [--latency]
             %sparsify reset MODEL
+            %sparsify generate MODEL "PROMPT" [--tokens 30]
             %sparsify history [MODEL] [--csv PATH] [--html PATH] [--chart]
             %sparsify panel MODEL [TOKENIZER]
             %sparsify sensitivity MODEL [--amount 0.5]
@@ -302,6 +320,9 @@ class SparsifyMagics(Magics):
         table = pd.DataFrame(rows)
         _show_variants(table)
         return table
+
+    def _generate(self, args):
+        return self._session(args).generate(args.prompt, max_new_tokens=args.tokens)
 
     def _reset(self, args):
         self._session(args).reset()

@@ -22,6 +22,7 @@ from .criteria import (
 )
 from .evaluation import MAX_LENGTH, check_vocabulary, encode_corpus, flat_predictions, run_corpus
 from .formats import CSRLinear, validate_backend
+from .generation import SideBySide, side_by_side
 from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
 from .models import context_limit, model_device, model_dtype
@@ -430,6 +431,16 @@ class Session:
             if previous.mode != "dense":
                 self._prune(previous, self._layers_for(previous), silent)
         return pd.DataFrame(rows).sort_values("top1_drop", ascending=False, kind="stable").reset_index(drop=True)
+
+    def generate(self, prompt: str, max_new_tokens: int = 30) -> SideBySide:
+        """Greedy continuations of ``prompt`` by the dense original (through :meth:`dense_view`, no copy of the
+        model) and by the model as it is now, and the first generated token where they part.
+
+        Example:
+            >>> session.apply(0.5)
+            >>> session.generate("The capital of France is").diverge_at
+        """
+        return side_by_side(self.model, self.tokenizer, self.dense_view, prompt, max_new_tokens)
 
     @property
     def history(self) -> pd.DataFrame:

@@ -10,6 +10,17 @@ from helpers import word_tokenizer
 
 
 @pytest.fixture(scope="session")
+def shell():
+    """A real IPython shell (the one global test instance) with the extension loaded."""
+    from IPython.testing.globalipapp import get_ipython
+
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "jupyter_sparsify")
+    yield ip
+    ip.run_line_magic("unload_ext", "jupyter_sparsify")
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return word_tokenizer()
 

@@ -5,21 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import start_ipython
 
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.magics import SUBCOMMANDS, build_parser
 from jupyter_sparsify.session import existing_session
 
 from helpers import state_checksum, tiny_model
-
-
-@pytest.fixture(scope="module")
-def shell():
-    ip = start_ipython()
-    ip.run_line_magic("load_ext", "jupyter_sparsify")
-    yield ip
-    ip.run_line_magic("unload_ext", "jupyter_sparsify")
 
 
 @pytest.fixture

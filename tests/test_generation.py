@@ -1,0 +1,59 @@
+"""Generations side by side: the dense original (through dense_view) against the variant, and where they part."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError
+
+from jupyter_sparsify.formats import CSRLinear
+from jupyter_sparsify.generation import first_difference, side_by_side_text
+
+from helpers import state_checksum
+
+
+@pytest.mark.parametrize(
+    "first, second, index",
+    [((1, 2, 3), (1, 2, 3), None), ((1, 2, 3), (1, 2, 4), 2), ((5, 2), (1, 2), 0), ((1, 2), (1, 2, 3), 2)],
+)
+def test_first_difference(first, second, index):
+    assert first_difference(first, second) == index
+
+
+def test_the_dense_model_and_masked_0_percent_say_the_same(smol):
+    smol.apply(0.0)
+    result = smol.generate("The capital of France is", max_new_tokens=12)
+    assert result.diverge_at is None and result.dense_text == result.variant_text
+    assert len(result.dense_tokens) == 12 and result.dense_text.strip()
+
+
+def test_a_pruned_model_parts_where_its_tokens_first_differ_and_stays_pruned(smol):
+    smol.apply(0.7, mode="csr")
+    before = state_checksum(smol.model)
+    result = smol.generate("The capital of France is", max_new_tokens=12)
+    assert state_checksum(smol.model) == before  # dense through dense_view: nothing copied, nothing left changed
+    assert any(isinstance(m, CSRLinear) for m in smol.model.modules())
+    index = result.diverge_at
+    assert index is not None  # 70 % magnitude pruning changes what this model says
+    assert result.dense_tokens[:index] == result.variant_tokens[:index]
+    assert result.dense_tokens[index] != result.variant_tokens[index]
+    text = side_by_side_text(result)
+    assert "[" in text and f"they part at generated token {index}" in text
+    assert "<mark>" in result._repr_html_()
+
+
+def test_bad_prompts_and_token_counts_are_refused(smol):
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        smol.generate("   ")
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number >= 1"):
+        smol.generate("Hello there", max_new_tokens=0)
+
+
+def test_the_generate_magic(shell, embedded, smol):
+    shell.user_ns["smol"], shell.user_ns["smol_tok"] = embedded
+    result = shell.run_line_magic(
+        "sparsify", 'generate smol "The capital of France is" --tokens 5 --tokenizer smol_tok'
+    )
+    assert len(result.variant_tokens) == 5 and result.diverge_at is None  # the fixture's session is dense
+    with pytest.raises(UsageError, match="must be a whole number >= 1"):
+        shell.run_line_magic("sparsify", 'generate smol "Hi" --tokens 0')
+    del shell.user_ns["smol"], shell.user_ns["smol_tok"]
