@@ -31,6 +31,7 @@ SUBCOMMANDS = (
     "compare",
     "reset",
     "generate",
+    "tokens",
     "history",
     "panel",
     "sensitivity",
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(generate)
     generate.add_argument("prompt", help='the text to continue, in quotes: "The capital of France is"')
     generate.add_argument("--tokens", type=_at_least_one, default=30, help="tokens to generate (default 30)")
+
+    tokens = commands.add_parser("tokens", help="the evaluation texts token by token: where MODEL agrees with dense")
+    _model_arguments(tokens)
 
     history = commands.add_parser("history", help="every measured row")
     history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
@@ -216,6 +220,7 @@ class SparsifyMagics(Magics):
             %sparsify compare MODEL --amounts 0 0.3 0.5 0.7 [--modes masked csr] [--latency]
             %sparsify reset MODEL
             %sparsify generate MODEL "PROMPT" [--tokens 30]
+            %sparsify tokens MODEL
             %sparsify history [MODEL] [--csv PATH] [--html PATH] [--chart]
             %sparsify panel MODEL [TOKENIZER]
             %sparsify sensitivity MODEL [--amount 0.5]
@@ -323,6 +328,9 @@ class SparsifyMagics(Magics):
 
     def _generate(self, args):
         return self._session(args).generate(args.prompt, max_new_tokens=args.tokens)
+
+    def _tokens(self, args):
+        return self._session(args).token_agreement()
 
     def _reset(self, args):
         self._session(args).reset()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import metrics
+from .agreement import TokenAgreement, token_agreement
 from .corpus import SEED_TEXTS, check_next_token_targets, validate_texts
 from .criteria import (
     DENSE,
@@ -431,6 +432,12 @@ class Session:
             if previous.mode != "dense":
                 self._prune(previous, self._layers_for(previous), silent)
         return pd.DataFrame(rows).sort_values("top1_drop", ascending=False, kind="stable").reset_index(drop=True)
+
+    def token_agreement(self) -> TokenAgreement:
+        """``top1_match`` token by token: for every corpus position the token, the dense model's and the model's
+        top-1 next token now, and whether they agree (shown coloured in a notebook)."""
+        predictions, _ = flat_predictions(run_corpus(self.model, self._corpus))
+        return token_agreement(self.tokenizer, self._corpus, self._reference_predictions, predictions)
 
     def generate(self, prompt: str, max_new_tokens: int = 30) -> SideBySide:
         """Greedy continuations of ``prompt`` by the dense original (through :meth:`dense_view`, no copy of the

@@ -57,3 +57,19 @@ def test_the_generate_magic(shell, embedded, smol):
     with pytest.raises(UsageError, match="must be a whole number >= 1"):
         shell.run_line_magic("sparsify", 'generate smol "Hi" --tokens 0')
     del shell.user_ns["smol"], shell.user_ns["smol_tok"]
+
+
+def test_the_tokens_view_is_top1_match_token_by_token(smol, shell, embedded):
+    smol.apply(0.5)
+    row = smol.measure()
+    view = smol.token_agreement()
+    assert len(view.table) == row["eval_tokens"]  # every position top1_match counts, and no other
+    assert int(view.table["match"].sum()) == round(row["top1_match"] * row["eval_tokens"])
+    assert view.top1_match == pytest.approx(row["top1_match"], abs=1e-6)
+    assert 0 < view.table["match"].sum() < len(view.table)
+    page = view._repr_html_()
+    assert page.count("<span") == len(view.table) and "#f7c6c6" in page and "title=" in page
+    shell.user_ns["smol"], shell.user_ns["smol_tok"] = embedded
+    shown = shell.run_line_magic("sparsify", "tokens smol --tokenizer smol_tok")
+    assert shown.table.equals(view.table)
+    del shell.user_ns["smol"], shell.user_ns["smol_tok"]
