@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     reset = commands.add_parser("reset", help="back to the dense original, bit-exact")
     _model_arguments(reset)
+    reset.add_argument(
+        "--discard-changes", action="store_true", help="also when weights were changed outside the session"
+    )
 
     generate = commands.add_parser("generate", help="greedy continuations of a prompt: dense and MODEL as it is now")
     _model_arguments(generate)
@@ -333,7 +336,7 @@ class SparsifyMagics(Magics):
         return self._session(args).token_agreement()
 
     def _reset(self, args):
-        self._session(args).reset()
+        self._session(args).reset(discard_changes=args.discard_changes)
         print(f"`{args.model}` is dense again (bit-exact original).")
 
     def _history(self, args):

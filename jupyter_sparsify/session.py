@@ -100,6 +100,7 @@ class Session:
         self._rows: list[dict] = []
         self._calibration = None
         self.set_texts(texts)
+        self._record_fingerprints()
         _SESSIONS[id(model)] = self  # one model, one session: the magics and the panel find it
 
     # -- corpus ---------------------------------------------------------------------------
@@ -193,6 +194,7 @@ class Session:
             calibration=calibration,
         )
         _check_no_torch_prune(self.model)
+        self._check_unchanged_outside()
         layers = self._layers_for(settings)
         previous = self.settings
         try:
@@ -207,11 +209,42 @@ class Session:
                     self._restore_dense()
                     raise
             raise
+        finally:
+            self._record_fingerprints()
         return settings
 
-    def reset(self) -> None:
-        """Put back the dense original: same module types, ``state_dict`` bit-exact."""
-        self._restore_dense()
+    def reset(self, discard_changes: bool = False) -> None:
+        """Put back the dense original: same module types, ``state_dict`` bit-exact.
+
+        Args:
+            discard_changes: also when a prunable weight was changed outside the session since its last
+                apply / reset (otherwise that is refused, so that such a change is never lost unnoticed).
+        """
+        if not discard_changes:
+            self._check_unchanged_outside()
+        try:
+            self._restore_dense()
+        finally:
+            self._record_fingerprints()
+
+    def _record_fingerprints(self) -> None:
+        """An exact checksum of every prunable weight as the session leaves it (to notice edits from outside)."""
+        self._fingerprints = {layer.name: _fingerprint(getattr(layer.parent, layer.attr)) for layer in self._candidates}
+
+    def _check_unchanged_outside(self) -> None:
+        """Refuse to overwrite weights that changed since the session last set them."""
+        changed = [
+            layer.name
+            for layer in self._candidates
+            if _fingerprint(getattr(layer.parent, layer.attr)) != self._fingerprints.get(layer.name)
+        ]
+        if changed:
+            raise ValueError(
+                f"{len(changed)} layer(s) changed outside this session since its last apply or reset (first: "
+                f"{changed[0]!r}), e.g. by an optimizer step or a manual edit; apply and reset would overwrite that. "
+                "To discard the change and go back to the dense original: session.reset(discard_changes=True) "
+                "(%sparsify reset MODEL --discard-changes)"
+            )
 
     def _validate(
         self,
@@ -541,6 +574,13 @@ def forget_session(model: nn.Module) -> None:
     if session is not None and session.model is model:
         session.reset()
         del _SESSIONS[id(model)]
+
+
+def _fingerprint(module: nn.Module) -> int:
+    """Exact, order-independent checksum of a layer's weight (its bits summed as integers; CSR: its values)."""
+    tensor = module.values if isinstance(module, CSRLinear) else module.weight
+    bits = tensor.detach().contiguous().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
+    return int(bits.sum(dtype=torch.int64)) + 7919 * tensor.numel()
 
 
 def _check_no_torch_prune(model: nn.Module) -> None:

@@ -114,3 +114,23 @@ def test_reconstruction_needs_the_sequential_calibration(tokenizer):
     assert settings.calibration == "sequential" and session.measure()["criterion"] == "wanda+recon"
     session.apply(0.5, criterion="sparsegpt", calibration="sequential", progress=quiet)
     assert session.measure()["criterion"] == "sparsegpt+seq"
+
+
+def test_a_weight_changed_outside_the_session_is_not_overwritten_unnoticed(tokenizer):
+    model = tiny_model("llama")
+    dense = state_checksum(model)
+    session = Session(model, tokenizer)
+    session.apply(0.5, progress=quiet)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # e.g. an optimizer step on the pruned model
+    edited = state_checksum(model)
+    with pytest.raises(ValueError, match="changed outside this session.*down_proj.*discard_changes=True"):
+        session.apply(0.3, progress=quiet)
+    with pytest.raises(ValueError, match="changed outside this session"):
+        session.reset()
+    assert state_checksum(model) == edited  # nothing was overwritten
+    session.reset(discard_changes=True)
+    assert state_checksum(model) == dense
+    session.apply(0.3, mode="csr", progress=quiet)  # and the session goes on as before
+    session.reset()
+    assert state_checksum(model) == dense
