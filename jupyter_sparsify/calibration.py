@@ -343,9 +343,10 @@ class Calibrator:
         cache = self._cache[want]
         missing = [(name, module) for name, module in modules if name not in cache]
         if missing:
-            cache.update(
-                collect_input_stats(self.model, self.tokenizer, self.texts, missing, want=want, progress=progress)
-            )
+            what = "input norms" if want == "norms" else "Hessians"
+            note = f"calibrating once: {what} on {len(self.texts)} texts, kept for every later apply"
+            tell = (lambda done, total, _: progress(done, total, note)) if progress is not None else None
+            cache.update(collect_input_stats(self.model, self.tokenizer, self.texts, missing, want=want, progress=tell))
         return {name: cache[name] for name, _ in modules}
 
     def sequential(

@@ -65,12 +65,16 @@ def test_every_criterion_works_with_no_scope_given(criterion, tokenizer):
 
 def test_calibrate_once_collects_once_and_equals_a_fresh_collection(tokenizer):
     session = small_session(tokenizer)
-    session.apply(0.5, criterion="sparsegpt", progress=quiet)
+    said: list[str] = []
+    session.apply(0.5, criterion="sparsegpt", progress=lambda done, total, message: said.append(message))
+    assert "calibrating once: Hessians on 8 texts, kept for every later apply" in said  # the first apply says so
     cached = session._calibrator().hessians([(layer.name, layer.module) for layer in session.default_layers])
     held = session.calibration_bytes
     assert held > 0
     session.apply(0.3, criterion="admm", scope="layer", progress=quiet)
-    session.apply(criterion="sparsegpt", pattern="2:4", progress=quiet)
+    said.clear()
+    session.apply(criterion="sparsegpt", pattern="2:4", progress=lambda done, total, message: said.append(message))
+    assert said and not any("calibrating" in message for message in said)  # later ones reuse it
     again = session._calibrator().hessians([(layer.name, layer.module) for layer in session.default_layers])
     assert all(again[name] is cached[name] for name in cached) and session.calibration_bytes == held  # reused
     session.reset()
