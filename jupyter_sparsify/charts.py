@@ -211,6 +211,24 @@ def sensitivity_figure(table: pd.DataFrame):
     return _layer_figure("Top-1 drop when this layer alone is pruned", "1 − top-1 agreement", source)
 
 
+def mask_figure(name: str, density):
+    """A layer's mask as an image (from ``Session.mask_density``): black where weights are kept, white where
+    pruned, grey for the share kept in a block when the matrix is downsampled to fit."""
+    rows, columns = density.shape
+    chart = figure(
+        title=f"{name}: kept weights (black) and pruned (white)",
+        height=HEIGHT + 60,
+        width=2 * WIDTH,
+        x_range=Range1d(0, columns),
+        y_range=Range1d(rows, 0),
+        toolbar_location=None,
+    )
+    chart.image(image=[density[::-1]], x=0, y=rows, dw=columns, dh=rows, palette="Greys256", level="image")
+    chart.xaxis.axis_label = "input (block of columns)"
+    chart.yaxis.axis_label = "output (block of rows)"
+    return chart
+
+
 def _layer_bars(table: pd.DataFrame, value_column: str) -> dict[str, list]:
     """Bar data for one value per layer, in table order, coloured by the layer's role."""
     if table.empty:

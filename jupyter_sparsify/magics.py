@@ -32,6 +32,7 @@ SUBCOMMANDS = (
     "reset",
     "generate",
     "tokens",
+    "mask",
     "history",
     "panel",
     "sensitivity",
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tokens = commands.add_parser("tokens", help="the evaluation texts token by token: where MODEL agrees with dense")
     _model_arguments(tokens)
+
+    mask = commands.add_parser("mask", help="one layer's mask as an image (kept black, pruned white)")
+    _model_arguments(mask)
+    mask.add_argument("--layer", default=None, help="layer name (default: the first pruned one)")
 
     history = commands.add_parser("history", help="every measured row")
     history.add_argument("model", nargs="?", help="variable name (default: the model used last)")
@@ -224,6 +229,7 @@ class SparsifyMagics(Magics):
             %sparsify reset MODEL
             %sparsify generate MODEL "PROMPT" [--tokens 30]
             %sparsify tokens MODEL
+            %sparsify mask MODEL [--layer NAME]
             %sparsify history [MODEL] [--csv PATH] [--html PATH] [--chart]
             %sparsify panel MODEL [TOKENIZER]
             %sparsify sensitivity MODEL [--amount 0.5]
@@ -334,6 +340,11 @@ class SparsifyMagics(Magics):
 
     def _tokens(self, args):
         return self._session(args).token_agreement()
+
+    def _mask(self, args):
+        from .charts import mask_figure
+
+        _show(mask_figure(*self._session(args).mask_density(args.layer)))
 
     def _reset(self, args):
         self._session(args).reset(discard_changes=args.discard_changes)

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -471,6 +472,30 @@ class Session:
         top-1 next token now, and whether they agree (shown coloured in a notebook)."""
         predictions, _ = flat_predictions(run_corpus(self.model, self._corpus))
         return token_agreement(self.tokenizer, self._corpus, self._reference_predictions, predictions)
+
+    def mask_density(self, layer: str | None = None, max_size: int = 256) -> tuple[str, np.ndarray]:
+        """A layer's mask as a picture: the share of kept weights in each block of a grid of at most
+        ``max_size`` x ``max_size`` blocks (1.0 / 0.0 per weight when the matrix fits).
+
+        Args:
+            layer: a prunable layer's name (default: the first pruned one, else the first prunable one).
+
+        Returns:
+            ``(name, density)`` with ``density[i, j]`` in [0, 1], rows = outputs, columns = inputs.
+        """
+        layers = {item.name: item for item in self._candidates}
+        if layer is None:
+            layer = (self._pruned or self.default_layers)[0].name
+        if layer not in layers:
+            raise ValueError(f"no prunable layer named {layer!r}; see layer_table() for the names")
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be a whole number >= 1; got {max_size!r}")
+        module = getattr(layers[layer].parent, layers[layer].attr)
+        weight = module.dense_weight() if isinstance(module, CSRLinear) else weight_matrix(module)
+        kept = (weight != 0).float()[None, None]
+        rows, columns = (-(-size // max_size) for size in kept.shape[-2:])  # block size, rounded up
+        density = torch.nn.functional.avg_pool2d(kept, (rows, columns), ceil_mode=True)[0, 0]
+        return layer, density.numpy()
 
     def generate(self, prompt: str, max_new_tokens: int = 30) -> SideBySide:
         """Greedy continuations of ``prompt`` by the dense original (through :meth:`dense_view`, no copy of the

@@ -1,4 +1,4 @@
-"""Generations side by side: the dense original (through dense_view) against the variant, and where they part."""
+"""What pruning does, made visible: generations side by side, token agreement, and a layer's mask image."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from IPython.core.error import UsageError
 
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.generation import first_difference, side_by_side_text
+from jupyter_sparsify.session import Session
 
-from helpers import state_checksum
+from helpers import state_checksum, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -73,3 +74,21 @@ def test_the_tokens_view_is_top1_match_token_by_token(smol, shell, embedded):
     shown = shell.run_line_magic("sparsify", "tokens smol --tokenizer smol_tok")
     assert shown.table.equals(view.table)
     del shell.user_ns["smol"], shell.user_ns["smol_tok"]
+
+
+def test_the_mask_image_of_a_2_4_layer_keeps_two_in_every_four(tokenizer, shell):
+    session = Session(tiny_model("llama"), tokenizer)
+    session.apply(pattern="2:4", progress=lambda *a: None)
+    name, exact = session.mask_density()  # 64 inputs fit: one pixel per weight
+    assert name == session.default_layers[0].name and exact.shape == (64, 64)
+    assert ((exact == 0) | (exact == 1)).all() and (exact.reshape(64, 16, 4).sum(axis=-1) == 2).all()
+    _, blocks = session.mask_density("model.layers.0.mlp.down_proj", max_size=32)  # [64, 128] in 2 x 4 blocks
+    assert blocks.shape == (32, 32) and (blocks == 0.5).all()
+    session.apply(0.5, scope="row", progress=lambda *a: None)
+    _, rows = session.mask_density(max_size=64)
+    assert (rows.sum(axis=1) == 32).all() and not (rows.reshape(64, 16, 4).sum(axis=-1) == 2).all()
+    with pytest.raises(ValueError, match="no prunable layer named 'nope'"):
+        session.mask_density("nope")
+    shell.user_ns["tiny_mask"], shell.user_ns["tiny_tok"] = session.model, tokenizer
+    shell.run_line_magic("sparsify", "mask tiny_mask --layer model.layers.1.self_attn.o_proj")
+    del shell.user_ns["tiny_mask"], shell.user_ns["tiny_tok"]
