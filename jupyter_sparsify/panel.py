@@ -12,9 +12,13 @@ from jupyter_bokeh.widgets import BokehModel
 
 from .charts import LayerChart, VariantCharts, write_report
 from .criteria import CALIBRATIONS, CRITERIA, SCOPES_OF, default_scope
+from .generation import side_by_side_html
 from .session import Session
 
 PATTERNS = ("unstructured", "2:4", "4:8")
+DEFAULT_PROMPT = "The capital of France is"
+GENERATE_TOKENS = 8  # both models, re-run after every apply: 16 tokens took 1.85 s on the embedded model, 8 about 1 s
+TOKENS_TAB = 3
 STATIC_CLASS = "jupyter-sparsify-static"
 # The live panel hides the static snapshot saved next to it; without a kernel only the snapshot shows.
 _HIDE_STATIC = f"<style>.{STATIC_CLASS} {{display: none;}}</style>"
@@ -77,13 +81,28 @@ class Panel(widgets.VBox):
         self.charts = VariantCharts()
         self.layer_chart = LayerChart()
         self.table = widgets.HTML()
+        self.prompt = widgets.Text(value=DEFAULT_PROMPT, description="Prompt", layout=widgets.Layout(width="480px"))
+        self.generate_button = widgets.Button(description="Generate", icon="pencil")
+        self.generation = widgets.HTML(
+            value="<p>Press Generate: the dense model and this variant continue the prompt.</p>"
+        )
+        self.tokens_view = widgets.HTML()
+        self._generated = False  # once a prompt was run, every apply runs it again
         self._snapshot = None
         if session.history.empty:
             session.measure()  # the dense baseline every chart compares against
         self.refresh()  # before the BokehModels are built: they carry the charts' data as of now
-        tabs = widgets.Tab(children=[BokehModel(self.charts.layout()), BokehModel(self.layer_chart.figure)])
-        tabs.set_title(0, "Variants")
-        tabs.set_title(1, "Layers")
+        generate_tab = widgets.VBox([widgets.HBox([self.prompt, self.generate_button]), self.generation])
+        self.tabs = widgets.Tab(
+            children=[
+                BokehModel(self.charts.layout()),
+                BokehModel(self.layer_chart.figure),
+                generate_tab,
+                self.tokens_view,
+            ]
+        )
+        for index, title in enumerate(("Variants", "Layers", "Generate", "Tokens")):
+            self.tabs.set_title(index, title)
         controls = widgets.VBox(
             [
                 widgets.HBox([self.amount, self.mode]),
@@ -93,11 +112,13 @@ class Panel(widgets.VBox):
                 widgets.HBox([self.progress, self.status]),
             ]
         )
-        super().__init__([controls, self.errors, tabs, self.table])
+        super().__init__([controls, self.errors, self.tabs, self.table])
         self.amount.observe(lambda change: self.apply(), names="value")
         self.criterion.observe(lambda change: self._follow_criterion(change["new"]), names="value")
         self.reconstruct.observe(lambda change: self._follow_reconstruct(change["new"]), names="value")
         self.apply_button.on_click(lambda _: self.apply())
+        self.generate_button.on_click(lambda _: self.generate())
+        self.tabs.observe(lambda change: self._show_tokens() if change["new"] == TOKENS_TAB else None, "selected_index")
         self.reset_button.on_click(lambda _: self.reset())
         self.export_button.on_click(lambda _: self.export())
 
@@ -131,6 +152,15 @@ class Panel(widgets.VBox):
             return self._measure()
 
         self._run("Pruning", work)
+
+    def generate(self) -> None:
+        """Continue the prompt with the dense model and the variant, side by side (re-run after every apply)."""
+
+        def work() -> str:
+            self._generated = True
+            return self._generate()
+
+        self._run("Generating", work)
 
     def reset(self) -> None:
         """Back to the dense original (bit-exact) and measure it."""
@@ -187,6 +217,10 @@ class Panel(widgets.VBox):
         )
         row = self.session.measure(latency=self.latency.value)
         self.refresh()
+        if self._generated:
+            self._generate()
+        if self.tabs.selected_index == TOKENS_TAB:
+            self._show_tokens()
         text = (
             f"{row['setup']}: top-1 agreement {row['top1_match']:.1%}, size {row['size_mb']:.1f} MiB, "
             f"compute {row['compute_ratio']:.2f}× dense"
@@ -194,6 +228,16 @@ class Panel(widgets.VBox):
         if self.latency.value:
             text += f", decode {row['decode_speedup']:.2f}× dense speed"
         return text
+
+    def _generate(self) -> str:
+        result = self.session.generate(self.prompt.value, max_new_tokens=GENERATE_TOKENS)
+        self.generation.value = side_by_side_html(result)
+        where = "the same text" if result.diverge_at is None else f"they part at token {result.diverge_at}"
+        return f"Generated {GENERATE_TOKENS} tokens with {self.session.settings.label} and dense: {where}"
+
+    def _show_tokens(self) -> None:
+        """Fill the Tokens tab (one corpus pass, so only while it is shown)."""
+        self.tokens_view.value = self.session.token_agreement()._repr_html_()
 
     def _follow_criterion(self, criterion: str) -> None:
         """Offer only the scopes the criterion supports, starting at its own default."""
@@ -222,6 +266,7 @@ class Panel(widgets.VBox):
             self.apply_button,
             self.reset_button,
             self.export_button,
+            self.generate_button,
         ):
             control.disabled = not enabled
 

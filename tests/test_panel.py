@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jupyter_sparsify.formats import CSRLinear
+from jupyter_sparsify.generation import side_by_side_html
 from jupyter_sparsify.panel import Panel
 from jupyter_sparsify.session import Session
 
@@ -107,3 +108,28 @@ def test_export_writes_report_and_csv(panel, tmp_path):
     assert report.exists() and csv.exists() and str(report.resolve()) in panel.status.value
     text = report.read_text()
     assert "Masked 50%" in text and "Bokeh" in text and "cdn.bokeh.org" not in text
+
+
+def test_the_generate_tab_runs_the_prompt_and_runs_it_again_after_each_apply(panel, monkeypatch):
+    assert panel.tabs.titles == ("Variants", "Layers", "Generate", "Tokens")
+    panel.amount.value = 0.5  # before any prompt was run: no generation
+    assert "Press Generate" in panel.generation.value
+    runs = []
+    real = panel.session.generate
+    monkeypatch.setattr(panel.session, "generate", lambda *args, **kwargs: runs.append(args) or real(*args, **kwargs))
+    panel.prompt.value = "The valley is quiet"
+    panel.generate_button.click()
+    first = panel.generation.value
+    assert first.count("<mark>") == 2 and "dense" in first and "variant" in first
+    assert panel.status.value.startswith("Generated 8 tokens with Masked 50% and dense")
+    panel.amount.value = 0.9
+    assert len(runs) == 2 and runs[-1] == ("The valley is quiet",)  # run again after the apply
+    assert panel.generation.value == side_by_side_html(real("The valley is quiet", max_new_tokens=8))
+
+
+def test_the_tokens_tab_shows_every_counted_token(panel):
+    panel.amount.value = 0.5
+    panel.tabs.selected_index = 3
+    row = panel.session.history.iloc[-1]
+    assert panel.tokens_view.value.count("<span") == row["eval_tokens"]
+    assert f"{round(row['top1_match'] * row['eval_tokens'])} of {row['eval_tokens']}" in panel.tokens_view.value
