@@ -11,7 +11,17 @@ from pathlib import Path
 import pandas as pd
 from bokeh.embed import file_html
 from bokeh.layouts import column, gridplot
-from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Legend, LegendItem, Range1d, Span
+from bokeh.models import (
+    ColumnDataSource,
+    DataRange1d,
+    FactorRange,
+    HoverTool,
+    Label,
+    Legend,
+    LegendItem,
+    Range1d,
+    Span,
+)
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
@@ -56,9 +66,20 @@ class VariantCharts:
             "× dense speed",
         )
         self.speed.add_layout(Span(location=1, dimension="width", line_dash="dotted", line_color="#4d4d4d"))
+        self.speed_hint = Label(  # shown while no row has been timed, instead of empty axes alone
+            x=20,
+            y=40,  # below the legend
+            x_units="screen",
+            y_units="screen",
+            text="tick 'measure latency' to time it",
+            text_color="#4d4d4d",
+            text_font_size="12px",
+        )
+        self.speed.add_layout(self.speed_hint)
         self.trade_top1 = self._curve_figure("Top-1 agreement vs sparsity", "ys_top1", "top1", "share of tokens")
         self.trade_top1.y_range = Range1d(0, 1.05)
         self.trade_size = self._curve_figure("Model size vs sparsity", "ys_size", "size", "MiB")
+        self.trade_size.y_range = DataRange1d(start=0)  # from 0: a flat line must look flat
 
     def layout(self):
         """All charts in a grid: bars on top, trade-off curves below."""
@@ -78,6 +99,8 @@ class VariantCharts:
         for chart in (self.size, self.top1, self.compute, self.speed):
             chart.x_range.factors = data["setup"]
         self.bars.data = data
+        timed = [value for value in data.get("decode_speedup", []) + data.get("prefill_speedup", []) if value == value]
+        self.speed_hint.visible = not timed
         dense = history[history["mode"] == "dense"] if not history.empty else history
         self.dense_size.location = float(dense["size_mb"].iloc[-1]) if len(dense) else 0.0
         self.curves.data = _curves(history)

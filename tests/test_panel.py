@@ -133,3 +133,12 @@ def test_the_tokens_tab_shows_every_counted_token(panel):
     row = panel.session.history.iloc[-1]
     assert panel.tokens_view.value.count("<span") == row["eval_tokens"]
     assert f"{round(row['top1_match'] * row['eval_tokens'])} of {row['eval_tokens']}" in panel.tokens_view.value
+
+
+def test_charts_a_student_reads_at_a_glance(panel):
+    charts = panel.charts
+    assert charts.trade_size.y_range.start == 0  # the size curve starts at 0: a flat line looks flat
+    assert charts.speed_hint.visible and "measure latency" in charts.speed_hint.text  # nothing timed yet
+    panel.latency.value = True
+    panel.amount.value = 0.5
+    assert not charts.speed_hint.visible  # a timed row: the hint gives way to the bars
