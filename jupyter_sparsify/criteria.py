@@ -103,7 +103,7 @@ def validate_calibration(calibration: str | None, reconstruct: bool) -> str:
 
 def validate_criterion(criterion: str, scope: str, pattern: tuple[int, int] | None, reconstruct: bool = False) -> str:
     """Check the criterion name, that it can work with the scope, and with block reconstruction."""
-    default_scope(criterion)
+    default_scope(criterion)  # raises for an unknown criterion name
     if criterion in _FROM_HESSIANS and scope == "global" and pattern is None:
         raise ValueError(
             f"criterion {criterion!r} rebuilds each layer from its own Hessian, so one global threshold "
