@@ -4,10 +4,12 @@ that every numeric comparison in the suite uses (so that it holds on any x86-64 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
 from jupyter_sparsify.corpus import SEED_TEXTS
+from jupyter_sparsify.input_stats import HessianAccumulator
 
 ARCHITECTURES = ("opt", "gpt_neox", "gpt2", "llama")
 
@@ -178,9 +180,58 @@ def assert_same_function(reference: torch.Tensor, logits: torch.Tensor, model: t
     return int(near_ties(reference, 2 * bound).sum())
 
 
+def statistic_error_bound(reference: torch.Tensor, model: torch.nn.Module, tokens: int) -> torch.Tensor:
+    """Elementwise bound on how far two computations of a calibration statistic over the same ``tokens`` tokens
+    may differ when they differ only in rounding (batch shapes, padding, the order of accumulation).
+
+    The layer inputs x of the two runs differ as two summation orders of the model do: by at most
+    eps = D * 2 lambda sqrt(n) u relative to their largest magnitude X (the argument of :func:`logit_error_bound`,
+    D and n of the whole model, so it covers any layer). For a Hessian H_ij = (1/N) sum_t x_ti x_tj that gives
+    |dH_ij| <= eps X (mean|x_i| + mean|x_j|) + eps^2 X^2 + 2 gamma_N mean|x_i x_j|, and with Cauchy-Schwarz
+    (mean|x_j| <= sqrt(H_jj), mean|x_i x_j| <= sqrt(H_ii H_jj)) and X^2 <= N max_j H_jj (one token's square is
+    at most the sum over all), a bound from H alone. For Wanda's norms ||x_j|| = sqrt(sum_t x_tj^2):
+    |d||x_j||| <= ||dx_j|| + gamma_N ||x_j|| <= sqrt(N) eps X + gamma_N ||x_j||, with X <= max_j ||x_j||.
+    """
+    depth, fan_in = model_depth_and_fan_in(model)
+    eps = depth * 2 * PROBABILISTIC_LAMBDA * fan_in**0.5 * UNIT_ROUNDOFF[torch.float32]
+    ref = reference.double()
+    if ref.dim() == 1:  # norms
+        return tokens**0.5 * eps * ref.max() + gamma(tokens) * ref
+    root = ref.diagonal().clamp_min(0).sqrt()
+    largest = (tokens * ref.diagonal().max()) ** 0.5
+    return (
+        eps * largest * (root[:, None] + root[None, :])
+        + (eps * largest) ** 2
+        + 2 * gamma(tokens) * root[:, None] * root[None, :]
+    )
+
+
+def within_statistic_bound(actual: torch.Tensor, reference: torch.Tensor, model: torch.nn.Module, tokens: int) -> bool:
+    """Whether ``actual`` is within :func:`statistic_error_bound` of ``reference`` everywhere."""
+    error = (actual.double() - reference.double()).abs()
+    return bool((error <= statistic_error_bound(reference, model, tokens)).all())
+
+
 def corpus_logits(session) -> torch.Tensor:
     """The session's model's logits at every real (attention mask 1) position of its evaluation corpus."""
     with torch.inference_mode():
         return torch.cat(
             [session.model(**batch).logits[batch["attention_mask"].bool()].float() for batch in session._corpus.batches]
         )
+
+
+def correlated_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 64x128 weight, correlated inputs X [tokens, 128] with uneven scales, and H."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(64, 128, generator=g)
+    mixing = torch.randn(128, 128, generator=g) / math.sqrt(128)
+    x = torch.randn(2048, 128, generator=g) @ mixing + 0.1 * torch.randn(2048, 128, generator=g)
+    x = x * torch.exp(torch.randn(128, generator=g))
+    accumulator = HessianAccumulator(128)
+    accumulator.add_batch(x)
+    return weight, x, accumulator.result()
+
+
+def reconstruction_error(weight, pruned, x) -> float:
+    """||X W^T - X P^T|| / ||X W^T||: how much of the layer's output the pruned weight loses."""
+    return ((x @ weight.T - x @ pruned.T).norm() / (x @ weight.T).norm()).item()

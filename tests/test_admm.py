@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_criteria import _correlated_layer, _relative_error
 
 from jupyter_sparsify.admm import admm_prune
 from jupyter_sparsify.input_stats import HessianAccumulator
@@ -13,18 +12,20 @@ from jupyter_sparsify.masks import nm_keep_mask, prune_count
 from jupyter_sparsify.scores import magnitude_scores
 from jupyter_sparsify.sparsegpt import sparsegpt_prune
 
+from helpers import correlated_layer, reconstruction_error
+
 
 @pytest.mark.parametrize("scope", ["row", "layer"])
 def test_admm_beats_sparsegpt_at_half_sparsity(scope):
-    weight, x, hessian = _correlated_layer(11)
+    weight, x, hessian = correlated_layer(11)
     admm = admm_prune(weight, hessian, 0.5, scope=scope)
     sparsegpt = sparsegpt_prune(weight, hessian, 0.5, scope=scope)
-    assert _relative_error(weight, admm, x) < _relative_error(weight, sparsegpt, x)
+    assert reconstruction_error(weight, admm, x) < reconstruction_error(weight, sparsegpt, x)
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.55, 0.7])
 def test_admm_counts_are_exact_per_row_and_per_layer(sparsity):
-    weight, _, hessian = _correlated_layer(12)
+    weight, _, hessian = correlated_layer(12)
     row = admm_prune(weight, hessian, sparsity, scope="row")
     assert ((row == 0).sum(dim=1) == prune_count(128, sparsity)).all()
     layer = admm_prune(weight, hessian, sparsity, scope="layer")
@@ -33,16 +34,16 @@ def test_admm_counts_are_exact_per_row_and_per_layer(sparsity):
 
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
 def test_admm_nm_pattern_and_quality(nm):
-    weight, x, hessian = _correlated_layer(13)
+    weight, x, hessian = correlated_layer(13)
     pruned = admm_prune(weight, hessian, 0.5, nm=nm)
     n, m = nm
     assert ((pruned.reshape(64, -1, m) != 0).sum(dim=-1) == n).all()
     magnitude = weight * nm_keep_mask(magnitude_scores(weight), n, m)
-    assert _relative_error(weight, pruned, x) < _relative_error(weight, magnitude, x)
+    assert reconstruction_error(weight, pruned, x) < reconstruction_error(weight, magnitude, x)
 
 
 def test_admm_keeps_dtype_leaves_the_input_alone_and_prunes_dead_inputs_first():
-    weight, x, _ = _correlated_layer(14)
+    weight, x, _ = correlated_layer(14)
     x[:, :8] = 0  # inputs 0..7 never fire
     accumulator = HessianAccumulator(128)
     accumulator.add_batch(x)
@@ -55,7 +56,7 @@ def test_admm_keeps_dtype_leaves_the_input_alone_and_prunes_dead_inputs_first():
 
 
 def test_admm_rejects_bad_arguments():
-    weight, _, hessian = _correlated_layer(0)
+    weight, _, hessian = correlated_layer(0)
     with pytest.raises(ValueError, match="'row' or 'layer'"):
         admm_prune(weight, hessian, 0.5, scope="global")
     with pytest.raises(ValueError, match="iterations"):

@@ -1,4 +1,4 @@
-"""Evaluation / calibration batches: every text once, right-padded, little padding; nonzero counts."""
+"""Evaluation / calibration batches: every text once, right-padded, little padding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 
 from jupyter_sparsify.batching import padded_batches
 from jupyter_sparsify.corpus import SEED_TEXTS
-from jupyter_sparsify.metrics import count_nonzero
 
 
 def test_every_text_once_right_padded_and_no_batch_too_large(tokenizer):
@@ -39,16 +38,3 @@ def test_empty_texts_are_dropped_and_max_batch_checked(tokenizer):
     assert padded_batches(tokenizer, [""], max_length=8, max_batch=2) == []
     with pytest.raises(ValueError, match="max_batch"):
         padded_batches(tokenizer, ["a"], max_length=8, max_batch=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8])
-def test_count_nonzero_treats_negative_zero_as_zero(dtype):
-    values = (
-        torch.tensor([-0.0, 0.0, 1.0, -2.0, float("nan"), float("-inf"), 1e-40, -1e-40]).to(dtype)
-        if dtype.is_floating_point
-        else torch.tensor([0, 1, -1, 0], dtype=dtype)
-    )
-    big = values.repeat(70_000)  # several chunks, the last one partial
-    assert count_nonzero(values) == int(torch.count_nonzero(values))
-    assert count_nonzero(big) == int(torch.count_nonzero(big))
-    assert count_nonzero(big.view(-1, 4).t()) == int(torch.count_nonzero(big)), "non-contiguous"

@@ -66,7 +66,6 @@ def test_the_tokens_view_is_top1_match_token_by_token(smol, shell, embedded):
     view = smol.token_agreement()
     assert len(view.table) == row["eval_tokens"]  # every position top1_match counts, and no other
     assert int(view.table["match"].sum()) == round(row["top1_match"] * row["eval_tokens"])
-    assert view.top1_match == pytest.approx(row["top1_match"], abs=1e-6)
     assert 0 < view.table["match"].sum() < len(view.table)
     page = view._repr_html_()
     assert page.count("<span") == len(view.table) and "#f7c6c6" in page and "title=" in page
