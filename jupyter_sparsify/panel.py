@@ -7,18 +7,25 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import pandas as pd
+from bokeh.core.json_encoder import serialize_json
 from IPython.display import HTML, display
 from jupyter_bokeh.widgets import BokehModel
 
-from .charts import LayerChart, VariantCharts, write_report
-from .criteria import CALIBRATIONS, CRITERIA, SCOPES_OF, default_scope
+from .charts import Grouping, LayerChart, LayerView, VariantCharts, write_report
+from .criteria import CALIBRATIONS, CRITERIA, SCOPES_OF, PruneSettings, default_scope
 from .generation import side_by_side_html
-from .session import Session
+from .session import HISTORY_COLUMNS, Session
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 DEFAULT_PROMPT = "The capital of France is"
 GENERATE_TOKENS = 8  # both models, re-run after every apply: 16 tokens took 1.85 s on the embedded model, 8 about 1 s
-TOKENS_TAB = 3
+TAB_TITLES = ("Variants", "Layers", "Generate", "Tokens")
+LAYERS_TAB, TOKENS_TAB = TAB_TITLES.index("Layers"), TAB_TITLES.index("Tokens")
+# The table shows the history's columns except those the setup label already says and the raw timings (in the CSV).
+TABLE_OMITS = frozenset(
+    {"mode", "criterion", "scope", "pattern", "amount", "eval_tokens"}  # in the setup label, or a detail
+    | {"prefill_ms", "decode_ms", "dense_prefill_ms", "dense_decode_ms"}  # raw timings: the speedups are shown
+)
 STATIC_CLASS = "jupyter-sparsify-static"
 # The live panel hides the static snapshot saved next to it; without a kernel only the snapshot shows.
 _HIDE_STATIC = f"<style>.{STATIC_CLASS} {{display: none;}}</style>"
@@ -35,6 +42,7 @@ class Panel(widgets.VBox):
         self.session = session
         self.export_dir = Path(export_dir)
         self._busy = False
+        self._quiet = False  # True while refresh sets the layer dropdown
         self.amount = widgets.FloatSlider(
             value=0.3,
             min=0.0,
@@ -80,6 +88,8 @@ class Panel(widgets.VBox):
         self.errors = widgets.Output()
         self.charts = VariantCharts()
         self.layer_chart = LayerChart()
+        self.layer_view = LayerView()
+        self.layer_select = widgets.Dropdown(description="Layer", layout=widgets.Layout(width="480px"))
         self.table = widgets.HTML()
         self.prompt = widgets.Text(value=DEFAULT_PROMPT, description="Prompt", layout=widgets.Layout(width="480px"))
         self.generate_button = widgets.Button(description="Generate", icon="pencil")
@@ -92,17 +102,15 @@ class Panel(widgets.VBox):
         if session.history.empty:
             session.measure()  # the dense baseline every chart compares against
         self.refresh()  # before the BokehModels are built: they carry the charts' data as of now
+        self._bokeh = [
+            LiveBokehModel(self.charts.layout()),
+            LiveBokehModel(self.layer_chart.figure),
+            LiveBokehModel(self.layer_view.layout()),
+        ]
+        layers_tab = widgets.VBox([self._bokeh[1], self.layer_select, self._bokeh[2]])
         generate_tab = widgets.VBox([widgets.HBox([self.prompt, self.generate_button]), self.generation])
-        self.tabs = widgets.Tab(
-            children=[
-                BokehModel(self.charts.layout()),
-                BokehModel(self.layer_chart.figure),
-                generate_tab,
-                self.tokens_view,
-            ]
-        )
-        for index, title in enumerate(("Variants", "Layers", "Generate", "Tokens")):
-            self.tabs.set_title(index, title)
+        self.tabs = widgets.Tab(children=[self._bokeh[0], layers_tab, generate_tab, self.tokens_view])
+        self.tabs.titles = TAB_TITLES
         controls = widgets.VBox(
             [
                 widgets.HBox([self.amount, self.mode]),
@@ -118,6 +126,7 @@ class Panel(widgets.VBox):
         self.reconstruct.observe(lambda change: self._follow_reconstruct(change["new"]), names="value")
         self.apply_button.on_click(lambda _: self.apply())
         self.generate_button.on_click(lambda _: self.generate())
+        self.layer_select.observe(lambda change: self._pick_layer(), names="value")
         self.tabs.observe(lambda change: self._show_tokens() if change["new"] == TOKENS_TAB else None, "selected_index")
         self.reset_button.on_click(lambda _: self.reset())
         self.export_button.on_click(lambda _: self.export())
@@ -178,9 +187,11 @@ class Panel(widgets.VBox):
 
     def refresh(self) -> None:
         """Redraw charts, layer view and table from the session (data only, nothing re-rendered)."""
-        history = self.session.history
+        history, layers = self.session.history, self.session.layer_table()
         self.charts.update(history)
-        self.layer_chart.update(self.session.layer_table())
+        self.layer_chart.update(layers)
+        self._offer_layers(list(layers["name"]))
+        self._show_layer()
         self.table.value = _HIDE_STATIC + _history_html(history)
         if self._snapshot is not None:
             self._snapshot.update(HTML(self._static_html()))
@@ -235,6 +246,31 @@ class Panel(widgets.VBox):
         where = "the same text" if result.diverge_at is None else f"they part at token {result.diverge_at}"
         return f"Generated {GENERATE_TOKENS} tokens with {self.session.settings.label} and dense: {where}"
 
+    def _offer_layers(self, names: list[str]) -> None:
+        """The layers the dropdown offers (those pruned, or all prunable ones); keep the choice if still there, else
+        the first (the first pruned one)."""
+        chosen = self.layer_select.value if self.layer_select.value in names else names[0]
+        self._quiet = True  # refresh draws the layer itself, once
+        try:
+            if list(self.layer_select.options) != names:
+                self.layer_select.options = names
+            self.layer_select.value = chosen
+        finally:
+            self._quiet = False
+
+    def _pick_layer(self) -> None:
+        if not self._quiet and self.layer_select.value is not None:
+            self._run("Drawing the layer", self._show_layer)
+
+    def _show_layer(self) -> str:
+        """Draw the chosen layer's mask and its scores' histogram with the threshold."""
+        session = self.session
+        name, density = session.mask_density(self.layer_select.value)
+        _, label, scores, kept = session.layer_scores(name)
+        self.layer_view.show_mask(name, density, scores.shape)
+        self.layer_view.show_scores(label, scores, kept, threshold_grouping(session.settings))
+        return f"Layer {name}: {1 - kept.mean():.1%} of its weights pruned; scores {label}"
+
     def _show_tokens(self) -> None:
         """Fill the Tokens tab (one corpus pass, so only while it is shown)."""
         self.tokens_view.value = self.session.token_agreement()._repr_html_()
@@ -267,6 +303,7 @@ class Panel(widgets.VBox):
             self.reset_button,
             self.export_button,
             self.generate_button,
+            self.layer_select,
         ):
             control.disabled = not enabled
 
@@ -277,6 +314,8 @@ class Panel(widgets.VBox):
         )
 
     def _repr_mimebundle_(self, **kwargs):
+        for model in self._bokeh:  # displayed again: every view draws the charts as they are now
+            model.renew()
         bundle = super()._repr_mimebundle_(**kwargs)
         bundle["text/plain"] = (
             f"jupyter_sparsify panel: {len(self.session.history)} measurements (run the cell for the live panel)"
@@ -287,17 +326,43 @@ class Panel(widgets.VBox):
 def _history_html(history: pd.DataFrame) -> str:
     if history.empty:
         return "<p>No measurement yet.</p>"
-    columns = [
-        "setup",
-        "size_mb",
-        "sparsity_prunable",
-        "sparsity_model",
-        "compute_ratio",
-        "executed_ratio",
-        "top1_match",
-        "perplexity",
-        "prefill_speedup",
-        "decode_speedup",
-    ]
+    columns = [name for name in HISTORY_COLUMNS if name not in TABLE_OMITS]
     shown = history[columns].rename(columns=lambda c: html.escape(c))
     return shown.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–", classes="jupyter-sparsify-table")
+
+
+def threshold_grouping(settings: PruneSettings) -> Grouping:
+    """How the settings chose each layer's mask from its scores (see ``charts.score_threshold``)."""
+    if settings.mode == "dense" or settings.criterion in ("sparsegpt", "admm"):
+        return None  # dense: nothing pruned; SparseGPT / ADMM: by their own saliency, not these scores
+    if settings.pattern:
+        return settings.pattern
+    return "row" if settings.scope == "row" else "layer"
+
+
+class LiveBokehModel(BokehModel):
+    """A ``BokehModel`` that a reloaded page or a second display draws as it is now.
+
+    jupyter_bokeh sends every change as a patch to the views open at the time; its ``render_bundle``, which a
+    new view draws from, stays as built. Here a front end that asks for the state (a reloaded page) gets the
+    document as it is now, and :meth:`renew` sends it to the page before another view is made.
+    """
+
+    _stale = False
+
+    def _document_patched(self, event) -> None:
+        self._stale = True
+        super()._document_patched(event)
+
+    def get_state(self, key=None, drop_defaults: bool = False) -> dict:
+        """The widget's state, with the document as it is now."""
+        state = super().get_state(key, drop_defaults)
+        if self._stale and "render_bundle" in state:
+            state["render_bundle"] = serialize_json(self._model_to_traits(self._model))
+        return state
+
+    def renew(self) -> None:
+        """Send the document as it is now, if it changed since it was last sent whole."""
+        if self._stale:
+            self.render_bundle = self._model_to_traits(self._model)
+            self._stale = False

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from bokeh.models import Legend
 
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.generation import side_by_side_html
-from jupyter_sparsify.panel import Panel
-from jupyter_sparsify.session import Session
+from jupyter_sparsify.layers import weight_matrix
+from jupyter_sparsify.panel import LAYERS_TAB, TABLE_OMITS, TOKENS_TAB, Panel
+from jupyter_sparsify.scores import wanda_scores
+from jupyter_sparsify.session import HISTORY_COLUMNS, Session
 
 from helpers import state_checksum, tiny_model
 
@@ -129,7 +133,7 @@ def test_the_generate_tab_runs_the_prompt_and_runs_it_again_after_each_apply(pan
 
 def test_the_tokens_tab_shows_every_counted_token(panel):
     panel.amount.value = 0.5
-    panel.tabs.selected_index = 3
+    panel.tabs.selected_index = TOKENS_TAB
     row = panel.session.history.iloc[-1]
     assert panel.tokens_view.value.count("<span") == row["eval_tokens"]
     assert f"{round(row['top1_match'] * row['eval_tokens'])} of {row['eval_tokens']}" in panel.tokens_view.value
@@ -142,3 +146,122 @@ def test_charts_a_student_reads_at_a_glance(panel):
     panel.latency.value = True
     panel.amount.value = 0.5
     assert not charts.speed_hint.visible  # a timed row: the hint gives way to the bars
+
+
+def _shown_layer(panel) -> tuple[np.ndarray, dict]:
+    """The mask image and the histogram as the Layers tab's Bokeh sources hold them."""
+    image = np.asarray(panel.layer_view.mask_source.data["image"][0])
+    return image, panel.layer_view.histogram_source.data
+
+
+def test_the_layers_tab_shows_the_first_layer_dense_then_its_mask_and_threshold(panel):
+    names = list(panel.session.layer_table()["name"])
+    assert panel.tabs.children[LAYERS_TAB].children[1] is panel.layer_select
+    assert list(panel.layer_select.options) == names and panel.layer_select.value == names[0]
+    image, histogram = _shown_layer(panel)
+    assert image.min() == 1.0 and sum(histogram["pruned"]) == 0  # dense: every weight kept
+    assert panel.layer_view.threshold_source.data["x"] == []  # nothing pruned: no threshold line
+    panel.amount.value = 0.5  # magnitude, global scope
+    name, _, scores, kept = panel.session.layer_scores(names[0])
+    image, histogram = _shown_layer(panel)
+    assert image.mean() == pytest.approx(kept.mean()) and 0.0 < image.mean() < 1.0  # 64 x 64 fits: one pixel per weight
+    assert sum(histogram["total"]) == kept.size and sum(histogram["pruned"]) == (~kept).sum()
+    threshold = panel.layer_view.threshold_source.data["x"][0]
+    assert scores[~kept].max() == threshold <= scores[kept].min()  # |W| of the dense weights: one cut
+    assert panel.layer_view.threshold_item.label["value"] == "threshold"
+    assert panel.layer_view.histogram.xaxis.axis_label == "score: |W|" and name in panel.layer_view.mask.title.text
+
+
+def test_picking_another_layer_draws_it_and_the_choice_survives_an_apply(panel):
+    panel.amount.value = 0.3
+    wide = next(name for name in panel.layer_select.options if name.endswith("mlp.c_proj"))  # GPT-2: [64, 256]
+    panel.layer_select.value = wide
+    image, _ = _shown_layer(panel)
+    assert image.shape == (64, 256) and wide in panel.layer_view.mask.title.text
+    assert panel.status.value.startswith(f"Layer {wide}: ") and "pruned" in panel.status.value
+    panel.amount.value = 0.7
+    _, _, _, kept = panel.session.layer_scores(wide)
+    assert panel.layer_select.value == wide and _shown_layer(panel)[0].mean() == pytest.approx(kept.mean())
+
+
+def test_the_scores_follow_the_criterion_and_the_threshold_its_grouping(panel):
+    session = panel.session
+    session.set_calibration_texts(["The valley is quiet and the river bends.", "Sparse kernels need zeros."] * 3)
+    panel.criterion.value = "wanda"  # scope row
+    panel.amount.value = 0.5
+    name, label, scores, kept = session.layer_scores()
+    layer = next(item for item in session.default_layers if item.name == name)
+    with session.dense_view():
+        dense = weight_matrix(layer.module).detach().clone()
+    norm = session._calibration.norms([(name, layer.module)])[name]
+    assert "‖X‖" in label and np.allclose(scores, wanda_scores(dense, norm).numpy())
+    assert panel.layer_view.threshold_item.label["value"] == "median row threshold"
+    row_cuts = [scores[r][~kept[r]].max() for r in range(kept.shape[0])]
+    assert panel.layer_view.threshold_source.data["x"][0] == pytest.approx(float(np.median(row_cuts)))
+    panel.pattern.value = "2:4"
+    panel.apply_button.click()
+    assert panel.layer_view.threshold_item.label["value"] == "median threshold of the groups of 4"
+    assert (_shown_layer(panel)[0].reshape(-1, 4).sum(axis=1) == 2).all()  # two kept in every four
+    panel.pattern.value, panel.criterion.value = "unstructured", "sparsegpt"
+    panel.apply_button.click()
+    assert "Hessian" in session.layer_scores()[1]  # a Wanda-like view, labelled as such
+    assert panel.layer_view.threshold_source.data["x"] == []  # SparseGPT does not cut these scores
+
+
+def test_a_reloaded_page_and_a_second_display_get_the_charts_as_they_are_now(panel):
+    charts = panel._bokeh[0]  # the Variants tab
+    assert "Masked 50%" not in charts.get_state()["render_bundle"]
+    panel.amount.value = 0.5
+    assert "Masked 50%" not in str(charts.render_bundle)  # jupyter_bokeh keeps the document as built...
+    assert "Masked 50%" in charts.get_state()["render_bundle"]  # ...a page asking for the state gets it as now
+    assert "render_bundle" not in charts.get_state(key="layout")  # other state requests are untouched
+    panel._repr_mimebundle_()  # displayed again
+    assert "Masked 50%" in str(charts.render_bundle)
+    layer_view = panel._bokeh[2]
+    assert "|W|" in str(layer_view.render_bundle)
+
+
+def test_the_table_and_the_bars_take_their_columns_from_the_history(panel):
+    headers = panel.table.value.split("<thead>")[1].split("</thead>")[0]
+    shown = [name for name in HISTORY_COLUMNS if name not in TABLE_OMITS]
+    assert [name for name in HISTORY_COLUMNS if f"<th>{name}</th>" in headers] == shown
+    assert headers.count("<th>") == len(shown)
+    assert set(HISTORY_COLUMNS) <= set(panel.charts.bars.data)
+    charts = panel.charts
+    for chart in (charts.size, charts.top1, charts.compute, charts.speed):
+        for renderer in chart.renderers:
+            assert renderer.glyph.top in HISTORY_COLUMNS  # a column name
+
+
+def test_legends_sit_beside_the_plots_never_over_them(panel):
+    figures = [
+        panel.charts.size,
+        panel.charts.top1,
+        panel.charts.compute,
+        panel.charts.speed,
+        panel.charts.trade_top1,
+        panel.charts.trade_size,
+        panel.layer_chart.figure,
+        panel.layer_view.mask,
+        panel.layer_view.histogram,
+    ]
+    legends = 0
+    for chart in figures:
+        assert not [item for item in chart.center if isinstance(item, Legend)], chart.title.text
+        legends += sum(isinstance(item, Legend) for item in chart.above + chart.below + chart.left + chart.right)
+    assert legends == 6  # compute, speed, both trade-off curves, layer roles, histogram
+
+
+def test_the_trade_off_curve_draws_one_line_per_variant_family_with_its_points(panel):
+    for amount in (0.5, 0.7):  # magnitude, global
+        panel.amount.value = amount
+    panel.scope.value = "layer"
+    panel.apply_button.click()  # magnitude layer 70 %: a line of its own
+    panel.amount.value = 0.3
+    curves, points = panel.charts.curves.data, panel.charts.points.data
+    assert curves["label"] == ["masked magnitude global", "masked magnitude layer"]
+    assert [len(xs) for xs in curves["xs"]] == [3, 3]  # dense + two measured points each
+    assert curves["xs"][1] == sorted(curves["xs"][1]) and curves["color"][0] != curves["color"][1]
+    assert len(points["x"]) == 6 and points["marker"].count("square") == 2  # the dense point starts each line
+    assert points["setup"][3:] == ["Dense", "Masked 30% layer", "Masked 70% layer"]
+    assert set(points["color"][4:]) == {curves["color"][1]}

@@ -1,4 +1,5 @@
-"""Drive a real JupyterLab in headless chromium (playwright) for end-to-end tests.
+"""Drive a real JupyterLab (and Jupyter Notebook 7, served by the same server) in headless chromium
+(playwright) for end-to-end tests.
 
 Usage::
 
@@ -100,6 +101,23 @@ _RUN_ALL_JS = f"""() => {{
   app.commands.execute('notebook:run-all-cells').then(
     ok => {{ state.done = true; state.ok = ok; }},
     err => {{ state.done = true; state.error = String(err); }});
+}}"""
+
+_RUN_CELL_JS = f"""index => {{
+  const app = window.jupyterapp;
+  const panel = {_PANEL_JS};
+  app.shell.activateById(panel.id);
+  panel.content.activeCellIndex = index;
+  const state = {{done: false, ok: null, error: null}};
+  window.__harnessRunAll = state;
+  app.commands.execute('notebook:run-cell').then(
+    ok => {{ state.done = true; state.ok = ok; }},
+    err => {{ state.done = true; state.error = String(err); }});
+}}"""
+
+_SAVED_JS = f"""() => {{
+  const panel = {_PANEL_JS};
+  return !!panel && !panel.context.model.dirty;
 }}"""
 
 _RUN_ALL_FINISHED_JS = f"""() => {{
@@ -213,6 +231,7 @@ def running_jupyterlab(root_dir: Path, *, python: str = sys.executable) -> Itera
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
             "--LabApp.expose_app_in_browser=True",
+            "--JupyterNotebookApp.expose_app_in_browser=True",  # Notebook 7 at /notebooks/..., same server
             f"--LabApp.user_settings_dir={dirs['settings']}",
             f"--LabApp.workspaces_dir={dirs['workspaces']}",
         ]
@@ -345,12 +364,39 @@ def headless_chromium() -> Iterator[Browser]:
             browser.close()
 
 
-def open_notebook(page: Page, lab: LabServer, path: str, timeout_s: float = 180) -> None:
-    """Open `path` (relative to the Lab root, posix) in Lab and wait until its panel is ready.
+def open_notebook(page: Page, lab: LabServer, path: str, timeout_s: float = 180, ui: str = "lab") -> None:
+    """Open `path` (relative to the Lab root, posix) in JupyterLab (``ui="lab"``) or Jupyter Notebook 7
+    (``ui="notebook"``) and wait until its panel is ready.
 
     The other helpers act on this notebook (found by path, whatever has the focus).
     """
-    page.goto(lab.page_url(f"lab/tree/{quote(path)}"), timeout=timeout_s * 1000)
+    prefix = {"lab": "lab/tree", "notebook": "notebooks"}[ui]
+    page.goto(lab.page_url(f"{prefix}/{quote(path)}"), timeout=timeout_s * 1000)
+    _wait_until_open(page, path, timeout_s)
+
+
+def reload_notebook(page: Page, timeout_s: float = 180) -> None:
+    """Reload the page (the browser's reload) and wait until the same notebook is open again."""
+    path = page.evaluate("() => window.__harnessNotebookPath")
+    page.reload(timeout=timeout_s * 1000)
+    _wait_until_open(page, path, timeout_s)
+
+
+def save_notebook(page: Page, timeout_s: float = 60) -> None:
+    """Save the open notebook (outputs included, so that a reloaded page shows them) and wait until saved."""
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    _wait_js(page, _SAVED_JS, time.monotonic() + timeout_s, "the notebook to be saved")
+
+
+def run_cell_and_wait(page: Page, index: int, timeout_s: float = 120) -> None:
+    """Run the open notebook's cell `index` (0-based) and wait until it ran and the kernel is idle."""
+    deadline = time.monotonic() + timeout_s
+    _wait_js(page, _KERNEL_IDLE_JS, deadline, "the notebook's kernel to be connected and idle")
+    page.evaluate(_RUN_CELL_JS, index)
+    _wait_js(page, _RUN_ALL_FINISHED_JS, deadline, f"cell {index} to run and the kernel to be idle")
+
+
+def _wait_until_open(page: Page, path: str, timeout_s: float) -> None:
     page.wait_for_function("() => !!window.jupyterapp", timeout=timeout_s * 1000)
     page.evaluate("path => { window.__harnessNotebookPath = path; }", path)
     try:
