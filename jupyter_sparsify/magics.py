@@ -36,6 +36,7 @@ SUBCOMMANDS = (
     "history",
     "panel",
     "sensitivity",
+    "save",
     "corpus",
 )
 
@@ -153,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(sensitivity)
     sensitivity.add_argument("--amount", type=float, default=0.5, help="fraction each layer alone loses")
 
+    save = commands.add_parser("save", help="write MODEL as it is now as a Hugging Face folder")
+    save.add_argument("model", help="variable name of the model")
+    save.add_argument("path", help="folder to write (new or empty; load it back with %%sparsify load PATH)")
+    save.add_argument(
+        "--format",
+        choices=["dense", "compressed"],
+        default="dense",
+        help="dense: safetensors with the zeros, loadable anywhere; compressed: compressed-tensors' sparse bitmask",
+    )
+    save.add_argument("--overwrite", action="store_true", help="replace a model folder saved at PATH before")
+
     commands.add_parser("corpus", help="%%%%sparsify corpus: the cell's lines become the evaluation texts")
     return parser
 
@@ -233,6 +245,7 @@ class SparsifyMagics(Magics):
             %sparsify history [MODEL] [--csv PATH] [--html PATH] [--chart]
             %sparsify panel MODEL [TOKENIZER]
             %sparsify sensitivity MODEL [--amount 0.5]
+            %sparsify save MODEL PATH [--format dense|compressed] [--overwrite]
             %%sparsify corpus        (cell body: evaluation texts, one per line)
         """
         try:
@@ -375,6 +388,9 @@ class SparsifyMagics(Magics):
         table = self._session(args).sensitivity(args.amount)
         _show(sensitivity_figure(table))
         return table
+
+    def _save(self, args):
+        print(self._session_of(args.model).save(args.path, format=args.format, overwrite=args.overwrite))
 
     def _corpus(self, args, cell: str):
         texts = [line.strip() for line in cell.splitlines() if line.strip()]

@@ -107,7 +107,11 @@ def ensure_pad_token(tokenizer) -> None:
 def _load_directory(folder: Path, torch_dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .saving import load_compressed, sparse_compressed_format
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if sparse_compressed_format(folder):  # transformers 5 would leave its pruned weights randomly initialised
+        return load_compressed(folder, torch_dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     return model, tokenizer
 

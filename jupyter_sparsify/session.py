@@ -564,6 +564,59 @@ class Session:
         ]
         return pd.DataFrame(rows)
 
+    def layer_scores(self, layer: str | None = None) -> tuple[str, str, np.ndarray, np.ndarray]:
+        """The scores the current criterion ranks one layer's *dense* weights by, and which weights are kept now.
+
+        Magnitude: ``|W|``. Wanda: ``|W|·‖X‖`` with the input norms an earlier apply cached (``calibration="once"``).
+        SparseGPT / ADMM: ``|W|·‖X‖/√N`` from the diagonal of the cached Hessian, a Wanda-like view: they choose by
+        their own saliency while updating the kept weights. Without cached statistics: ``|W|``, and the label says so.
+
+        Args:
+            layer: a prunable layer's name (default: the first pruned one, else the first prunable one).
+
+        Returns:
+            ``(name, label, scores, kept)``: the label names the score; scores (float32) and kept (bool) are
+            ``[out, in]`` arrays.
+        """
+        from .scores import magnitude_scores, wanda_scores
+
+        layers = {item.name: item for item in self._candidates}
+        name = layer if layer is not None else (self._pruned or self.default_layers)[0].name
+        if name not in layers:
+            raise ValueError(f"no prunable layer named {name!r}; see layer_table() for the names")
+        item = layers[name]
+        current = getattr(item.parent, item.attr)
+        kept = (current.dense_weight() if isinstance(current, CSRLinear) else weight_matrix(current)) != 0
+        with self.dense_view():
+            weight = weight_matrix(item.module).detach().clone()
+        criterion = self.settings.criterion if self.settings.mode != "dense" else "magnitude"
+        cache = getattr(self._calibration, "_cache", {})  # statistics of calibration="once", never computed here
+        norm, hessian = cache.get("norms", {}).get(name), cache.get("hessians", {}).get(name)
+        if criterion == "wanda" and norm is not None:
+            scores, label = wanda_scores(weight, norm), "|W|·‖X‖ (Wanda, ‖X‖ on the dense model)"
+        elif criterion in ("sparsegpt", "admm") and hessian is not None:
+            scores = wanda_scores(weight, hessian.diagonal().float().sqrt())
+            label = f"|W|·‖X‖/√N (Hessian diagonal; {criterion} ranks by its own saliency)"
+        else:
+            scores = magnitude_scores(weight)
+            label = "|W|" if criterion == "magnitude" else f"|W| (no cached {criterion} statistics)"
+        return name, label, scores.cpu().numpy(), kept.cpu().numpy()
+
+    def save(self, path: str | Path, format: str = "dense", overwrite: bool = False):
+        """Write the model as it is now and its tokenizer as a Hugging Face folder; see :mod:`.saving`.
+
+        Args:
+            format: ``dense`` (safetensors with the zeros, loadable anywhere) or ``compressed``
+                (compressed-tensors' sparse bitmask; read back with ``load_model(path)``).
+            overwrite: replace a model folder saved there before.
+
+        Returns:
+            A :class:`~jupyter_sparsify.saving.SavedModel` with the folder's ``size_on_disk_mb``.
+        """
+        from .saving import save_session
+
+        return save_session(self, path, format, overwrite)
+
 
 _SESSIONS: dict[int, Session] = {}
 

