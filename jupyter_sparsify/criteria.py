@@ -22,8 +22,9 @@ from typing import Sequence
 import torch
 
 from .admm import admm_prune
-from .calibration import Calibrator, available_memory_bytes
+from .calibration import Calibrator
 from .layers import PrunableLayer, weight_matrix
+from .memory import available_memory_bytes
 from .progress import Progress
 from .pruning import prune_in_place
 from .scores import magnitude_scores, wanda_scores

@@ -21,7 +21,7 @@ from .kernels import KernelUnavailableError
 from .models import ModelLoadError, load_model, model_dtype
 from .progress import silent
 from .pruning import validate_amount
-from .session import all_sessions, existing_session, forget_session, session_for
+from .session import SessionBusyError, all_sessions, existing_session, forget_session, session_for
 
 SUBCOMMANDS = (
     "load",
@@ -268,7 +268,7 @@ class SparsifyMagics(Magics):
                 if cell is not None
                 else getattr(self, f"_{args.command}")(args)
             )
-        except (ValueError, TypeError, ModelLoadError, KernelUnavailableError) as error:
+        except (ValueError, TypeError, ModelLoadError, KernelUnavailableError, SessionBusyError) as error:
             raise UsageError(str(error)) from None
         except OSError as error:  # a path that cannot be written or read: say which and why, in one line
             where = f": {error.filename}" if error.filename else ""

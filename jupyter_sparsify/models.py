@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .memory import own_memory
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CACHE_ENV = "JUPYTER_SPARSIFY_CACHE"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,6 +93,7 @@ def load_model(
         model, tokenizer = _load_hub(str(source), torch_dtype)
     if device is not None:
         model = model.to(device)
+    own_memory(model)
     ensure_pad_token(tokenizer)
     return model.eval(), tokenizer
 

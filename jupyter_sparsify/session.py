@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +30,7 @@ from .formats import CSRLinear, validate_backend
 from .generation import SideBySide, side_by_side
 from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
+from .memory import release_freed_memory
 from .models import context_limit, model_device, model_dtype
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
@@ -56,6 +60,21 @@ HISTORY_COLUMNS = (
 )
 
 
+class SessionBusyError(RuntimeError):
+    """Another thread (the panel's worker) is using the session right now."""
+
+
+def _exclusive(method: Callable) -> Callable:
+    """Run ``method`` holding the session (see :meth:`Session._turn`)."""
+
+    @functools.wraps(method)
+    def run(self: Session, *args, **kwargs):
+        with self._turn():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Session:
     """A causal LM wrapped for in-place, reversible pruning and honest measurement.
 
@@ -71,6 +90,7 @@ class Session:
     """
 
     def __init__(self, model: nn.Module, tokenizer, texts: Sequence[str] = SEED_TEXTS) -> None:
+        self._lock = threading.RLock()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (e.g. from load_model()); got {type(model).__name__}")
         if tokenizer is None or not callable(tokenizer):
@@ -100,12 +120,14 @@ class Session:
         self._pruned: list[PrunableLayer] = []
         self._rows: list[dict] = []
         self._calibration = None
+        self._aside = _SetAside()
         self.set_texts(texts)
         self._record_fingerprints()
         _SESSIONS[id(model)] = self  # one model, one session: the magics and the panel find it
 
     # -- corpus ---------------------------------------------------------------------------
 
+    @_exclusive
     def set_texts(self, texts: Sequence[str]) -> None:
         """Use ``texts`` as the evaluation corpus from now on (the dense reference is recomputed)."""
         cleaned = validate_texts(texts)
@@ -124,6 +146,7 @@ class Session:
 
         return getattr(self, "_calibration_texts", None) or default_calibration_texts()
 
+    @_exclusive
     def set_calibration_texts(self, texts: Sequence[str]) -> None:
         """Calibrate Wanda / SparseGPT on ``texts`` instead of the shipped corpus."""
         self._calibration_texts = validate_texts(texts)
@@ -138,6 +161,7 @@ class Session:
 
     # -- pruning --------------------------------------------------------------------------
 
+    @_exclusive
     def apply(
         self,
         amount: float | None = None,
@@ -197,23 +221,16 @@ class Session:
         _check_no_torch_prune(self.model)
         self._check_unchanged_outside()
         layers = self._layers_for(settings)
-        previous = self.settings
         try:
-            self._restore_dense()
-            self._prune(settings, layers, progress)
-        except BaseException:
-            self._restore_dense()
-            if previous.mode != "dense":
-                try:
-                    self._prune(previous, self._layers_for(previous), silent)
-                except BaseException:  # e.g. a second Ctrl-C while re-pruning: dense, and the settings say so
-                    self._restore_dense()
-                    raise
-            raise
+            with self.undoable():
+                self._restore_dense()
+                self._prune(settings, layers, progress)
         finally:
             self._record_fingerprints()
+            release_freed_memory()
         return settings
 
+    @_exclusive
     def reset(self, discard_changes: bool = False) -> None:
         """Put back the dense original: same module types, ``state_dict`` bit-exact.
 
@@ -227,6 +244,7 @@ class Session:
             self._restore_dense()
         finally:
             self._record_fingerprints()
+            release_freed_memory()
 
     def _record_fingerprints(self) -> None:
         """An exact checksum of every prunable weight as the session leaves it (to notice edits from outside)."""
@@ -353,16 +371,79 @@ class Session:
             raise interrupt
 
     def _restore_layer(self, layer: PrunableLayer) -> None:
-        """Put back one layer's dense weight, then its module (idempotent: safe to run again)."""
+        """Put back one layer's dense weight, then its module (idempotent: safe to run again). A weight set
+        aside by :meth:`undoable` is left as it is: the layer gets a fresh copy of its original."""
         original = self._originals.get(layer.name)
         if original is not None:
+            data = layer.module.weight.data
             with torch.no_grad():
-                if layer.module.weight.data.shape == original.shape:
-                    layer.module.weight.data.copy_(original)
+                if data.shape == original.shape and not self._aside.holds(data):
+                    data.copy_(original)
                 else:
                     layer.module.weight.data = original.clone()
         if getattr(layer.parent, layer.attr) is not layer.module:
             setattr(layer.parent, layer.attr, layer.module)
+
+    @contextmanager
+    def undoable(self, *, always: bool = False) -> Iterator[None]:
+        """Within this block apply / reset / measure as you like: if an exception (an error, Ctrl-C, the panel's
+        Stop) escapes it, the model and :attr:`settings` go back to what they were when the block began.
+
+        The variant at entry is put back from stored results, not recomputed: its pruned tensors and CSR modules
+        are set aside (the model's memory grows by its masked weights for the duration; CSR costs nothing more),
+        so putting it back takes milliseconds and cannot itself be half done.
+
+        Args:
+            always: put the variant back also when the block ends normally (what :meth:`sensitivity` needs).
+        """
+        with self._turn():
+            if self._aside.active:  # an outer block already holds the state to go back to
+                yield
+                return
+            self._aside = _SetAside.of(self)
+            try:
+                yield
+            except BaseException:
+                self._put_back(self._aside)
+                raise
+            else:
+                if always:
+                    self._put_back(self._aside)
+            finally:
+                self._aside = _SetAside()
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the session for one thread: another thread's call (e.g. the panel's worker busy) is refused."""
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusyError(
+                "the model is busy: the panel is updating it right now; press Stop or wait until it is done, "
+                "then run this again"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _put_back(self, state: _SetAside) -> None:
+        """Make ``state`` the model's variant again (interrupts are held until it is, as in :meth:`_restore_dense`)."""
+        kept = {layer.name for layer, _, _ in state.parts}
+        pending, interrupt = [layer for layer in self._candidates if layer.name not in kept], None
+        while True:
+            try:
+                while pending:
+                    self._restore_layer(pending[0])
+                    pending.pop(0)
+                for layer, module, data in state.parts:  # pointer assignments only: repeatable
+                    layer.module.weight.data = data
+                    setattr(layer.parent, layer.attr, module)
+                self.settings, self._pruned = state.settings, [layer for layer, _, _ in state.parts]
+                self._record_fingerprints()
+                break
+            except KeyboardInterrupt as error:
+                interrupt = error
+        if interrupt is not None:
+            raise interrupt
 
     @contextmanager
     def dense_view(self) -> Iterator[None]:
@@ -381,6 +462,7 @@ class Session:
 
     # -- measuring ------------------------------------------------------------------------
 
+    @_exclusive
     def measure(self, latency: bool = False, *, repeats: int = 5) -> dict:
         """Measure the model as it is now; the row is also appended to :attr:`history`.
 
@@ -435,6 +517,7 @@ class Session:
             metrics.perplexity(result.nll_sum, result.target_count),
         )
 
+    @_exclusive
     def sensitivity(self, amount: float = 0.5, progress: Progress | None = None) -> pd.DataFrame:
         """Top-1 drop when each prunable layer alone is magnitude-pruned by ``amount`` (the model is left as it was).
 
@@ -443,9 +526,8 @@ class Session:
         ``apply(..., exclude=[...])`` to spare them.
         """
         self._validate(amount=amount, mode="masked", criterion="magnitude", scope="layer")
-        previous = self.settings
         rows = []
-        try:
+        with self.undoable(always=True):
             with tqdm_progress(progress, "sensitivity") as report:
                 for index, layer in enumerate(self.default_layers):
                     self.apply(amount, mode="masked", scope="layer", include=[layer.name], progress=silent)
@@ -461,12 +543,9 @@ class Session:
                         }
                     )
                     report(index + 1, len(self.default_layers), layer.name)
-        finally:
-            self._restore_dense()
-            if previous.mode != "dense":
-                self._prune(previous, self._layers_for(previous), silent)
         return pd.DataFrame(rows).sort_values("top1_drop", ascending=False, kind="stable").reset_index(drop=True)
 
+    @_exclusive
     def token_agreement(self) -> TokenAgreement:
         """``top1_match`` token by token: for every corpus position the token, the dense model's and the model's
         top-1 next token now, and whether they agree (shown coloured in a notebook)."""
@@ -497,6 +576,7 @@ class Session:
         density = torch.nn.functional.avg_pool2d(kept, (rows, columns), ceil_mode=True)[0, 0]
         return layer, density.numpy()
 
+    @_exclusive
     def generate(self, prompt: str, max_new_tokens: int = 30) -> SideBySide:
         """Greedy continuations of ``prompt`` by the dense original (through :meth:`dense_view`, no copy of the
         model) and by the model as it is now, and the first generated token where they part.
@@ -602,6 +682,7 @@ class Session:
             label = "|W|" if criterion == "magnitude" else f"|W| (no cached {criterion} statistics)"
         return name, label, scores.cpu().numpy(), kept.cpu().numpy()
 
+    @_exclusive
     def save(self, path: str | Path, format: str = "dense", overwrite: bool = False):
         """Write the model as it is now and its tokenizer as a Hugging Face folder; see :mod:`.saving`.
 
@@ -616,6 +697,27 @@ class Session:
         from .saving import save_session
 
         return save_session(self, path, format, overwrite)
+
+
+@dataclass
+class _SetAside:
+    """A variant kept aside by :meth:`Session.undoable`: its settings and, per pruned layer, the module in the
+    model's tree (the layer itself or its CSR replacement) and the layer's weight tensor."""
+
+    settings: PruneSettings = DENSE
+    parts: list[tuple[PrunableLayer, nn.Module, torch.Tensor]] = field(default_factory=list)
+    active: bool = False
+    _storages: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, session: Session) -> _SetAside:
+        parts = [(layer, getattr(layer.parent, layer.attr), layer.module.weight.data) for layer in session._pruned]
+        storages = frozenset(data.untyped_storage().data_ptr() for _, _, data in parts if data.numel())
+        return cls(session.settings, parts, active=True, _storages=storages)
+
+    def holds(self, data: torch.Tensor) -> bool:
+        """Whether ``data`` shares memory with a weight set aside (it must then not be written to)."""
+        return data.numel() > 0 and data.untyped_storage().data_ptr() in self._storages
 
 
 _SESSIONS: dict[int, Session] = {}

@@ -120,7 +120,7 @@ def test_interrupted_apply_leaves_the_model_as_it_was(pruned_session, monkeypatc
     with pytest.raises(fault):
         pruned_session.apply(0.6, mode="csr", progress=lambda *a: None)
     monkeypatch.undo()
-    assert calls["n"] > 3  # failed at the third layer, then the previous CSR 30 % was rebuilt
+    assert calls["n"] == 3  # failed at the third layer; the previous CSR 30 % was put back, not rebuilt
     assert state_checksum(pruned_session.model) == before
     assert pruned_session.settings.label == "CSR 30%"
 
@@ -140,29 +140,35 @@ def test_corpora_that_give_nothing_to_measure_are_refused_up_front(tokenizer, te
     assert session.texts == before and session.measure()["eval_tokens"] > 0
 
 
-def test_a_second_interrupt_during_the_rollback_leaves_a_dense_model_that_says_so(pruned_session, monkeypatch):
-    """Ctrl-C during a CSR apply, and again while the previous CSR 30 % is being rebuilt: the model ends dense
-    (bit-exact) and the settings say Dense, never a "Dense" label over pruned weights."""
+def test_a_second_interrupt_during_the_rollback_still_puts_the_previous_variant_back(pruned_session, monkeypatch):
+    """Ctrl-C during a CSR apply, and again while the previous CSR 30 % is being put back: the rollback holds the
+    second interrupt until it is done, so the model is CSR 30 % again (bit-exact) and the settings say so."""
     import jupyter_sparsify.formats as formats
 
-    pruned_session.reset()
-    dense = state_checksum(pruned_session.model)
-    pruned_session.apply(0.3, mode="csr", progress=lambda *a: None)
-    calls = {"n": 0}
-    real = formats.CSRLinear.from_dense.__func__
+    before, sparsity = state_checksum(pruned_session.model), pruned_session.measure()["sparsity_prunable"]
+    real_from_dense, real_restore = formats.CSRLinear.from_dense.__func__, type(pruned_session)._restore_layer
+    calls = {"from_dense": 0, "restore": 0}
 
-    def interrupted_twice(cls, module, backend=None):
-        calls["n"] += 1
-        if calls["n"] in (3, 8):  # in the apply, then in the rollback's rebuild
+    def interrupted_apply(cls, module, backend=None):
+        calls["from_dense"] += 1
+        if calls["from_dense"] == 3:
             raise KeyboardInterrupt
-        return real(cls, module, backend)
+        return real_from_dense(cls, module, backend)
 
-    monkeypatch.setattr(formats.CSRLinear, "from_dense", classmethod(interrupted_twice))
+    def interrupted_rollback(self, layer):
+        calls["restore"] += 1
+        if calls["from_dense"] == 3 and calls["restore"] == len(self._candidates) + 1:  # the rollback's first
+            raise KeyboardInterrupt
+        return real_restore(self, layer)
+
+    monkeypatch.setattr(formats.CSRLinear, "from_dense", classmethod(interrupted_apply))
+    monkeypatch.setattr(type(pruned_session), "_restore_layer", interrupted_rollback)
     with pytest.raises(KeyboardInterrupt):
         pruned_session.apply(0.5, mode="csr", progress=lambda *a: None)
     monkeypatch.undo()
-    assert pruned_session.settings.label == "Dense" and state_checksum(pruned_session.model) == dense
-    assert pruned_session.measure()["sparsity_prunable"] == 0.0
+    assert calls["restore"] > len(pruned_session._candidates) + 1  # the rollback went on after the interrupt
+    assert pruned_session.settings.label == "CSR 30%" and state_checksum(pruned_session.model) == before
+    assert pruned_session.measure()["sparsity_prunable"] == sparsity
 
 
 def test_an_interrupted_reset_still_restores_every_layer(pruned_session, monkeypatch):

@@ -78,14 +78,17 @@ def test_a_failure_shows_in_the_panel_and_changes_nothing(panel):
     assert not panel.apply_button.disabled
 
 
-def test_a_failure_after_the_apply_says_what_state_the_model_is_in(panel, monkeypatch):
+def test_a_failure_while_measuring_puts_the_model_back_and_says_so(panel, monkeypatch):
+    panel.amount.value = 0.4
+    before = state_checksum(panel.session.model)
+
     def broken_measure(**_):
         raise RuntimeError("measuring broke")
 
     monkeypatch.setattr(panel.session, "measure", broken_measure)
-    panel.amount.value = 0.5
-    assert panel.session.settings.label == "Masked 50%"  # the apply itself succeeded
-    assert panel.status.value == "Failed: measuring broke (the model is now: Masked 50%)"
+    panel.amount.value = 0.5  # the apply itself succeeds, then the measurement fails
+    assert panel.session.settings.label == "Masked 40%" and state_checksum(panel.session.model) == before
+    assert panel.status.value == "Failed: measuring broke (the model is now: Masked 40%)"
 
 
 def test_the_scope_follows_the_criterion(panel):
@@ -96,13 +99,6 @@ def test_the_scope_follows_the_criterion(panel):
     assert panel.scope.value == "row" and "global" in panel.scope.options
     panel.reconstruct.value = True
     assert panel.calibration.value == "sequential"  # reconstruction needs it
-
-
-def test_a_second_request_while_busy_is_refused(panel):
-    panel._busy = True
-    panel.apply_button.click()
-    assert panel.status.value.startswith("Busy") and len(panel.session.history) == 1
-    panel._busy = False
 
 
 def test_export_writes_report_and_csv(panel, tmp_path):
