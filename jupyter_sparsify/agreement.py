@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .evaluation import EncodedCorpus
+from .corpus import EncodedCorpus
 
 
 @dataclass(frozen=True)

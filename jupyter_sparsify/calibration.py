@@ -19,31 +19,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .batching import Batch, padded_batches
+from .corpus import Batch, padded_batches
 from .input_stats import HessianAccumulator, InputNormAccumulator
 from .models import context_limit, model_device, model_dtype
 from .progress import Progress
 from .reconstruction import block_output, reconstruct_block
 
 Stat = Literal["norms", "hessians"]
-
-
-def default_calibration_texts() -> list[str]:
-    """The calibration corpus shipped with the package: one document per paragraph.
-
-    205 original documents written for this package (history, science, cooking, travel,
-    instructions, dialogue, news, fiction, Q&A, and Python/JS/SQL/shell snippets), about 24k
-    tokens with the SmolLM2 tokenizer; none is longer than 256 tokens. Its topics avoid those of
-    the default evaluation texts.
-    """
-    text = resources.files("jupyter_sparsify").joinpath("data/calibration.txt").read_text("utf-8")
-    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
 
 
 def in_features(module: nn.Module) -> int:
@@ -104,9 +91,9 @@ def collect_sequential(
     model: nn.Module,
     tokenizer,
     texts: list[str],
-    layers: Sequence[nn.Module],
+    blocks: Sequence[nn.Module],
     modules: list[tuple[str, nn.Module]],
-    on_layer: Callable[[int, dict[str, Tensor]], None],
+    on_block: Callable[[int, dict[str, Tensor]], None],
     *,
     want: Stat = "hessians",
     reconstruct: bool = False,
@@ -116,47 +103,47 @@ def collect_sequential(
 ) -> None:
     """Sequential calibration, block by block, as in the SparseGPT paper.
 
-    The inputs of ``layers[0]`` are captured once; then for each block ``i`` the statistics of
-    its ``modules`` are collected by running that block alone, ``on_layer(i, stats)`` is called
+    The inputs of ``blocks[0]`` are captured once; then for each block ``i`` the statistics of
+    its ``modules`` are collected by running that block alone, ``on_block(i, stats)`` is called
     (it may prune the block in place), and the block is run again to produce the inputs of block
     ``i + 1``. Memory: the hidden states of all calibration tokens (``tokens * hidden * 4`` B)
     plus one block's statistics. Cost: about two dense forward passes.
 
     Args:
-        layers: the transformer blocks in execution order (see :func:`decoder_layers`).
-        modules: the layers to calibrate; each must sit inside one of ``layers``.
-        on_layer: ``on_layer(block_index, {name: statistic})``, called once per block.
-        reconstruct: after ``on_layer``, tune the block's kept weights to reproduce the block
+        blocks: the transformer blocks in execution order (see :func:`decoder_blocks`).
+        modules: the linear layers to calibrate; each must sit inside one of ``blocks``.
+        on_block: ``on_block(block_index, {name: statistic})``, called once per block.
+        reconstruct: after ``on_block``, tune the block's kept weights to reproduce the block
             as it was before (:func:`~jupyter_sparsify.reconstruction.reconstruct_block`; a
             copy of one block in memory, about three more passes per epoch).
         Others: as in :func:`collect_input_stats`.
     """
-    owner = _owners(layers, modules)
+    owner = _owners(blocks, modules)
     batches = _batches(tokenizer, texts, context_limit(model, max_length), batch_size, model_device(model))
     with _eval_mode(model), torch.no_grad():
-        inputs = _capture_inputs(model, layers[0], batches)
-        for index, layer in enumerate(layers):
+        inputs = _capture_inputs(model, blocks[0], batches)
+        for index, block in enumerate(blocks):
             group = [(name, module) for name, module in modules if owner[name] == index]
             accumulators = _accumulators(group, want)
             state: dict = {"same_input": {}}
             with _hooks(group, accumulators, state):
                 for (args, kwargs), (_, attention) in zip(inputs, batches):
                     state["mask"], state["previous"] = attention, None
-                    layer(*args, **kwargs)
+                    block(*args, **kwargs)
             same_input = state["same_input"]
-            dense = copy.deepcopy(layer) if reconstruct and group else None
-            on_layer(index, {name: accumulators[same_input.get(name, name)].result() for name in accumulators})
+            dense = copy.deepcopy(block) if reconstruct and group else None
+            on_block(index, {name: accumulators[same_input.get(name, name)].result() for name in accumulators})
             if dense is not None:
                 reconstruct_block(
-                    layer, dense, inputs, [mask for _, mask in batches], [module.weight for _, module in group]
+                    block, dense, inputs, [mask for _, mask in batches], [module.weight for _, module in group]
                 )
                 del dense
-            inputs = [_next_inputs(layer, args, kwargs) for args, kwargs in inputs]
+            inputs = [_next_inputs(block, args, kwargs) for args, kwargs in inputs]
             if progress is not None:
-                progress(index + 1, len(layers), f"calibrating block {index + 1}/{len(layers)}")
+                progress(index + 1, len(blocks), f"calibrating block {index + 1}/{len(blocks)}")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a causal LM: its longest ``nn.ModuleList``."""
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
     if not lists:
@@ -271,22 +258,22 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Batch]) ->
     return captured
 
 
-def _next_inputs(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _next_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Run one block and put its output hidden states where its input hidden states were."""
-    hidden = block_output(layer, (args, kwargs))
+    hidden = block_output(block, (args, kwargs))
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _owners(layers: Sequence[nn.Module], modules: list[tuple[str, nn.Module]]) -> dict[str, int]:
+def _owners(blocks: Sequence[nn.Module], modules: list[tuple[str, nn.Module]]) -> dict[str, int]:
     """Index of the block holding each module; ``ValueError`` for modules outside all blocks."""
-    index_of = {id(sub): i for i, layer in enumerate(layers) for sub in layer.modules()}
+    index_of = {id(sub): i for i, block in enumerate(blocks) for sub in block.modules()}
     outside = [name for name, module in modules if id(module) not in index_of]
     if outside:
         raise ValueError(
-            f"Sequential calibration only covers modules inside the transformer blocks; "
-            f"{outside} are outside them (calibrate those with collect_input_stats)"
+            f"sequential calibration covers only the layers inside the transformer blocks, and {outside} are "
+            "outside them: calibrate with calibration='once' (--calibration once), or leave them out (exclude=...)"
         )
     return {name: index_of[id(module)] for name, module in modules}
 
@@ -361,7 +348,7 @@ class Calibrator:
             self.model,
             self.tokenizer,
             self.texts,
-            decoder_layers(self.model),
+            decoder_blocks(self.model),
             modules,
             on_block,
             want=want,

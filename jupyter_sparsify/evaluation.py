@@ -7,22 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import padded_batches
+from .corpus import EncodedCorpus
 from .models import model_device
-
-MAX_LENGTH = 128
-BATCH_SIZE = 8
-
-
-@dataclass(frozen=True)
-class EncodedCorpus:
-    """Token ids and attention masks of the corpus, in padded batches."""
-
-    batches: tuple[dict[str, torch.Tensor], ...]
-
-    @property
-    def token_count(self) -> int:
-        return int(sum(batch["attention_mask"].sum() for batch in self.batches))
+from .progress import Progress, silent
 
 
 @dataclass(frozen=True)
@@ -33,14 +20,6 @@ class CorpusResult:
     masks: tuple[torch.Tensor, ...]  # per batch [B, L] attention masks
     nll_sum: float
     target_count: int
-
-
-def encode_corpus(
-    tokenizer, texts: list[str], *, max_length: int = MAX_LENGTH, batch_size: int = BATCH_SIZE
-) -> EncodedCorpus:
-    """Tokenize ``texts`` into right-padded batches of similar length (the mask keeps padding out of every metric)."""
-    batches = padded_batches(tokenizer, texts, max_length=max_length, max_batch=batch_size)
-    return EncodedCorpus(tuple({"input_ids": ids, "attention_mask": mask} for ids, mask in batches))
 
 
 def check_vocabulary(model: nn.Module, corpus: EncodedCorpus) -> None:
@@ -57,12 +36,12 @@ def check_vocabulary(model: nn.Module, corpus: EncodedCorpus) -> None:
 
 
 @torch.inference_mode()
-def run_corpus(model: nn.Module, corpus: EncodedCorpus) -> CorpusResult:
-    """Forward the corpus once: argmax tokens and next-token NLL over real positions."""
+def run_corpus(model: nn.Module, corpus: EncodedCorpus, progress: Progress = silent) -> CorpusResult:
+    """Forward the corpus once: argmax tokens and next-token NLL over real positions (``progress`` per batch)."""
     device = model_device(model)
     predictions, masks = [], []
     nll_sum, targets = 0.0, 0
-    for batch in corpus.batches:
+    for index, batch in enumerate(corpus.batches):
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -73,6 +52,7 @@ def run_corpus(model: nn.Module, corpus: EncodedCorpus) -> CorpusResult:
         picked = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         nll_sum -= float(picked[target_mask].sum())
         targets += int(target_mask.sum())
+        progress(index + 1, len(corpus.batches), "evaluation texts")
     return CorpusResult(tuple(predictions), tuple(masks), nll_sum, targets)
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .evaluation import EncodedCorpus
+from .corpus import EncodedCorpus
 from .models import model_device
 
 DECODE_TOKENS = 16

@@ -19,9 +19,8 @@ from .corpus import check_next_token_targets, validate_texts
 from .criteria import CALIBRATIONS
 from .kernels import KernelUnavailableError
 from .models import ModelLoadError, load_model, model_dtype
-from .progress import silent
-from .pruning import validate_amount
 from .session import SessionBusyError, all_sessions, existing_session, forget_session, session_for
+from .sweeps import compare, sensitivity
 
 SUBCOMMANDS = (
     "load",
@@ -92,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers = commands.add_parser("layers", help="per-layer table and sparsity chart")
     _model_arguments(layers)
 
-    compare = commands.add_parser("compare", help="sweep amounts x modes; leaves MODEL dense")
+    compare = commands.add_parser("compare", help="sweep amounts x modes; leaves MODEL as it was")
     _model_arguments(compare)
     compare.add_argument(
         "--amounts",
@@ -321,30 +320,18 @@ class SparsifyMagics(Magics):
         return table
 
     def _compare(self, args):
-        from tqdm.auto import tqdm
-
-        session = self._session(args)
-        amounts = [validate_amount(amount) for amount in args.amounts]  # nan or negative: an error, not dropped
-        plan = [(amount, mode) for amount in amounts for mode in args.modes if amount > 0]
-        rows = []
-        try:
-            session.reset()
-            rows.append(session.measure(latency=args.latency, repeats=args.repeats))
-            for amount, mode in tqdm(plan, desc="compare"):
-                session.apply(
-                    amount,
-                    mode=mode,
-                    criterion=args.criterion,
-                    scope=args.scope,
-                    pattern=args.pattern,
-                    reconstruct=args.reconstruct,
-                    calibration=args.calibration,
-                    progress=silent,
-                )
-                rows.append(session.measure(latency=args.latency, repeats=args.repeats))
-        finally:
-            session.reset()
-        table = pd.DataFrame(rows)
+        table = compare(
+            self._session(args),
+            args.amounts,
+            args.modes,
+            latency=args.latency,
+            repeats=args.repeats,
+            criterion=args.criterion,
+            scope=args.scope,
+            pattern=args.pattern,
+            reconstruct=args.reconstruct,
+            calibration=args.calibration,
+        )
         _show_variants(table)
         return table
 
@@ -385,7 +372,7 @@ class SparsifyMagics(Magics):
     def _sensitivity(self, args):
         from .charts import sensitivity_figure
 
-        table = self._session(args).sensitivity(args.amount)
+        table = sensitivity(self._session(args), args.amount)
         _show(sensitivity_figure(table))
         return table
 

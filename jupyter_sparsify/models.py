@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -80,15 +82,16 @@ def load_model(
     """
     torch_dtype = parse_dtype(dtype) or torch.float32
     if source is None:
-        folder = _embedded_cache()
-        model, tokenizer = _load_directory(folder, torch_dtype)
+        model, tokenizer = _load_embedded(torch_dtype)
     elif str(source).endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
         model, tokenizer = _load_gguf(path, torch_dtype)
-    elif Path(source).is_dir():
-        model, tokenizer = _load_directory(Path(source), torch_dtype)
+    elif Path(source).expanduser().is_dir():
+        model, tokenizer = _load_directory(Path(source).expanduser(), torch_dtype)
+    elif _looks_like_a_path(str(source)):
+        raise ModelLoadError(f"No folder at {Path(source).expanduser()}: check the path (hub names look like org/name)")
     else:
         model, tokenizer = _load_hub(str(source), torch_dtype)
     if device is not None:
@@ -112,11 +115,25 @@ def _load_directory(folder: Path, torch_dtype: torch.dtype):
 
     from .saving import load_compressed, sparse_compressed_format
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if sparse_compressed_format(folder):  # transformers 5 would leave its pruned weights randomly initialised
-        return load_compressed(folder, torch_dtype), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} has no config.json, so it is not a transformers model folder: point at the folder that "
+            "save_pretrained (or %sparsify save) wrote"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if sparse_compressed_format(folder):  # transformers 5 would leave its pruned weights randomly initialised
+            return load_compressed(folder, torch_dtype), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except Exception as error:  # truncated weights (SafetensorError), a broken config (ValueError), ...
+        raise ModelLoadError(f"{folder} could not be loaded ({_first_line(error)})") from None
     return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type), for one-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load_gguf(path: Path, torch_dtype: torch.dtype):
@@ -140,13 +157,19 @@ def _load_hub(name: str, torch_dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local_only)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"Could not load {name!r} from the Hugging Face hub ({first_line}). "
+            f"Could not load {name!r} from the Hugging Face hub ({_first_line(error)}), and there is no local "
+            f"folder {name!r} either. "
             "Without a network, use the embedded default (load_model() / %sparsify load), "
             "a local transformers directory, or a .gguf file path."
         ) from None
     return model, tokenizer
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """Whether ``source`` is written as a file-system path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``),
+    not as a hub name (``name`` or ``org/name``)."""
+    return source.startswith((".", "/", "~", os.sep)) or source.count("/") > 1 or os.sep != "/" and os.sep in source
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -163,19 +186,34 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
+def _load_embedded(torch_dtype: torch.dtype):
+    """The embedded model from its converted cache; a cache that fails to load is converted again, once."""
+    folder = _embedded_cache()
+    try:
+        return _load_directory(folder, torch_dtype)
+    except ModelLoadError as error:
+        warnings.warn(
+            f"jupyter_sparsify: the cached embedded model is damaged ({error}); converting it again", stacklevel=3
+        )
+        shutil.rmtree(folder)
+        return _load_directory(_embedded_cache(), torch_dtype)
+
+
 def _embedded_cache() -> Path:
     """Convert the embedded GGUF once into a transformers directory and return it."""
     gguf = embedded_gguf_path()
     folder = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{gguf.stat().st_size}"
-    if (folder / "complete").exists():
+    if _complete(folder):
         return folder
+    if folder.exists():  # an interrupted or damaged conversion
+        shutil.rmtree(folder)
     model, tokenizer = _load_gguf(gguf, torch.float32)
     _save_converted(model, tokenizer, folder)
     return folder
 
 
 def _save_converted(model: nn.Module, tokenizer, folder: Path) -> None:
-    """Write weights, config and tokenizer; a ``complete`` marker makes the cache atomic."""
+    """Write weights, config and tokenizer; the ``complete`` marker, written last, records every file's size."""
     from safetensors.torch import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +222,18 @@ def _save_converted(model: nn.Module, tokenizer, folder: Path) -> None:
     config.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(folder)
-    (folder / "complete").write_text("ok\n")
+    sizes = {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
+    (folder / "complete").write_text(json.dumps(sizes, indent=1))
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a conversion finished and every file still has the size it was written with (a truncated or
+    emptied file is caught here; a damaged one that keeps its size fails to load and is converted again)."""
+    try:
+        sizes = json.loads((folder / "complete").read_text())
+        return all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def context_limit(model: nn.Module, wanted: int) -> int:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -16,7 +17,14 @@ from torch import nn
 
 from . import metrics
 from .agreement import TokenAgreement, token_agreement
-from .corpus import SEED_TEXTS, check_next_token_targets, validate_texts
+from .corpus import (
+    MAX_LENGTH,
+    SEED_TEXTS,
+    check_next_token_targets,
+    default_calibration_texts,
+    encode_corpus,
+    validate_texts,
+)
 from .criteria import (
     DENSE,
     PruneSettings,
@@ -25,7 +33,7 @@ from .criteria import (
     validate_calibration,
     validate_criterion,
 )
-from .evaluation import MAX_LENGTH, check_vocabulary, encode_corpus, flat_predictions, run_corpus
+from .evaluation import check_vocabulary, flat_predictions, run_corpus
 from .formats import CSRLinear, validate_backend
 from .generation import SideBySide, side_by_side
 from .latency import measure_against_dense
@@ -36,28 +44,36 @@ from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
 
 MODES = ("dense", "masked", "csr")
-HISTORY_COLUMNS = (
-    "setup",
-    "mode",
-    "criterion",
-    "scope",
-    "pattern",
-    "amount",
-    "size_mb",
-    "sparsity_prunable",
-    "sparsity_model",
-    "compute_ratio",
-    "executed_ratio",
-    "top1_match",
-    "perplexity",
-    "prefill_ms",
-    "decode_ms",
-    "dense_prefill_ms",
-    "dense_decode_ms",
-    "prefill_speedup",
-    "decode_speedup",
-    "eval_tokens",
-)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One row of the history: what :meth:`Session.measure` found (the one definition of the history's columns)."""
+
+    setup: str
+    mode: str
+    criterion: str
+    scope: str
+    pattern: str
+    amount: float
+    size_mb: float
+    sparsity_prunable: float
+    sparsity_model: float
+    compute_ratio: float
+    executed_ratio: float
+    top1_match: float
+    perplexity: float
+    prefill_ms: float = math.nan
+    decode_ms: float = math.nan
+    dense_prefill_ms: float = math.nan
+    dense_decode_ms: float = math.nan
+    prefill_speedup: float = math.nan
+    decode_speedup: float = math.nan
+    eval_tokens: int = 0
+
+
+QUIET_BATCHES = 16  # evaluation corpora up to this many batches (128 texts) get no progress bar of their own
+HISTORY_COLUMNS = tuple(column.name for column in fields(Measurement))
 
 
 class SessionBusyError(RuntimeError):
@@ -128,22 +144,27 @@ class Session:
     # -- corpus ---------------------------------------------------------------------------
 
     @_exclusive
-    def set_texts(self, texts: Sequence[str]) -> None:
-        """Use ``texts`` as the evaluation corpus from now on (the dense reference is recomputed)."""
+    def set_texts(self, texts: Sequence[str], progress: Progress | None = None) -> None:
+        """Use ``texts`` as the evaluation corpus from now on (the dense reference is recomputed).
+
+        Args:
+            progress: ``progress(done, total, message)`` over the reference pass; default a tqdm bar when the
+                corpus is large (more than :data:`QUIET_BATCHES` batches), nothing otherwise.
+        """
         cleaned = validate_texts(texts)
         check_next_token_targets(self.tokenizer, cleaned)
         corpus = encode_corpus(self.tokenizer, cleaned, max_length=context_limit(self.model, MAX_LENGTH))
         check_vocabulary(self.model, corpus)
-        with self.dense_view():
-            reference = run_corpus(self.model, corpus)
+        if progress is None and len(corpus.batches) <= QUIET_BATCHES:
+            progress = silent
+        with self.dense_view(), tqdm_progress(progress, "dense reference") as report:
+            reference = run_corpus(self.model, corpus, report)
         self.texts, self._corpus = cleaned, corpus
         self._reference_predictions, self._reference_mask = flat_predictions(reference)
 
     @property
     def calibration_texts(self) -> list[str]:
         """Texts the data-aware criteria (Wanda, SparseGPT) calibrate on; see ``set_calibration_texts``."""
-        from .calibration import default_calibration_texts
-
         return getattr(self, "_calibration_texts", None) or default_calibration_texts()
 
     @_exclusive
@@ -251,19 +272,28 @@ class Session:
         self._fingerprints = {layer.name: _fingerprint(getattr(layer.parent, layer.attr)) for layer in self._candidates}
 
     def _check_unchanged_outside(self) -> None:
-        """Refuse to overwrite weights that changed since the session last set them."""
+        """Refuse to overwrite (apply, reset) or mislabel (measure) weights that changed since the session set them."""
         changed = [
-            layer.name
+            layer
             for layer in self._candidates
             if _fingerprint(getattr(layer.parent, layer.attr)) != self._fingerprints.get(layer.name)
         ]
-        if changed:
+        if not changed:
+            return
+        converted = {weight_matrix(layer.module).dtype for layer in changed} - {model_dtype(self.model)}
+        original = next((self._originals[layer.name].dtype for layer in changed if layer.name in self._originals), None)
+        if original is not None and model_dtype(self.model) != original and not converted:
             raise ValueError(
-                f"{len(changed)} layer(s) changed outside this session since its last apply or reset (first: "
-                f"{changed[0]!r}), e.g. by an optimizer step or a manual edit; apply and reset would overwrite that. "
-                "To discard the change and go back to the dense original: session.reset(discard_changes=True) "
-                "(%sparsify reset MODEL --discard-changes)"
+                f"the model was converted to {model_dtype(self.model)} after this session began (e.g. model.half()), "
+                f"while its dense original is {original}: convert it back (model.to({original})), or start a new "
+                "session on it: forget_session(model), then Session(model, tokenizer)"
             )
+        raise ValueError(
+            f"{len(changed)} layer(s) changed outside this session since its last apply or reset (first: "
+            f"{changed[0].name!r}), e.g. by an optimizer step or a manual edit; apply and reset would overwrite that "
+            "and measure would label it wrongly. To discard the change and go back to the dense original: "
+            "session.reset(discard_changes=True) (%sparsify reset MODEL --discard-changes)"
+        )
 
     def _validate(
         self,
@@ -472,78 +502,57 @@ class Session:
         """
         if latency and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
             raise ValueError(f"repeats must be a whole number >= 1; got {repeats!r}")
-        top1, ppl = self._agreement()
+        self._check_unchanged_outside()
+        top1, ppl = self.agreement()
         nonzeros = metrics.NonzeroCounts()
         weights = metrics.count_weights(
             (getattr(layer.parent, layer.attr) for layer in (self._pruned or self.default_layers)), nonzeros
         )
         compute = metrics.linear_compute(self.model, nonzeros)
         settings = self.settings
-        row = {
-            "setup": settings.label,
-            "mode": settings.mode,
-            "criterion": _criterion_label(settings),
-            "scope": settings.scope if settings.mode != "dense" and not settings.pattern else "",
-            "pattern": f"{settings.pattern[0]}:{settings.pattern[1]}" if settings.pattern else "",
-            "amount": settings.amount,
-            "size_mb": metrics.size_mb(self.model),
-            "sparsity_prunable": weights.sparsity,
-            "sparsity_model": metrics.model_weight_count(self.model, nonzeros).sparsity,
-            "compute_ratio": compute.nonzero / self._dense_compute.nonzero,
-            "executed_ratio": compute.executed / self._dense_compute.dense,
-            "top1_match": top1,
-            "perplexity": ppl,
-            "eval_tokens": self._corpus.token_count,
-        }
+        timed = {}
         if latency:
             variant, dense = measure_against_dense(self.model, self.dense_view, self._corpus, repeats=repeats)
-            row.update(
+            timed = dict(
                 prefill_ms=variant.prefill_ms,
                 decode_ms=variant.decode_ms,
                 dense_prefill_ms=dense.prefill_ms,
                 dense_decode_ms=dense.decode_ms,
                 prefill_speedup=dense.prefill_ms / variant.prefill_ms,
-                decode_speedup=dense.decode_ms / variant.decode_ms if variant.decode_ms else float("nan"),
+                decode_speedup=dense.decode_ms / variant.decode_ms if variant.decode_ms else math.nan,
             )
+        row = asdict(
+            Measurement(
+                setup=settings.label,
+                mode=settings.mode,
+                criterion=_criterion_label(settings),
+                scope=settings.scope if settings.mode != "dense" and not settings.pattern else "",
+                pattern=f"{settings.pattern[0]}:{settings.pattern[1]}" if settings.pattern else "",
+                amount=settings.amount,
+                size_mb=metrics.size_mb(self.model),
+                sparsity_prunable=weights.sparsity,
+                sparsity_model=metrics.model_weight_count(self.model, nonzeros).sparsity,
+                compute_ratio=compute.nonzero / self._dense_compute.nonzero,
+                executed_ratio=compute.executed / self._dense_compute.dense,
+                top1_match=top1,
+                perplexity=ppl,
+                eval_tokens=self._corpus.token_count,
+                **timed,
+            )
+        )
         self._rows.append(row)
         return row
 
-    def _agreement(self) -> tuple[float, float]:
-        """(top1_match, perplexity) of the model as it is now, on the evaluation corpus."""
+    @_exclusive
+    def agreement(self) -> tuple[float, float]:
+        """``(top1_match, perplexity)`` of the model as it is now on the evaluation corpus, not recorded in
+        the history (:meth:`measure` records them with the rest)."""
         result = run_corpus(self.model, self._corpus)
         predictions, _ = flat_predictions(result)
         return (
             metrics.top1_match(self._reference_predictions, predictions, self._reference_mask),
             metrics.perplexity(result.nll_sum, result.target_count),
         )
-
-    @_exclusive
-    def sensitivity(self, amount: float = 0.5, progress: Progress | None = None) -> pd.DataFrame:
-        """Top-1 drop when each prunable layer alone is magnitude-pruned by ``amount`` (the model is left as it was).
-
-        Returns one row per layer: name, block, role, top1_match, top1_drop, perplexity,
-        sorted from the most to the least sensitive layer. Exclude the top ones with
-        ``apply(..., exclude=[...])`` to spare them.
-        """
-        self._validate(amount=amount, mode="masked", criterion="magnitude", scope="layer")
-        rows = []
-        with self.undoable(always=True):
-            with tqdm_progress(progress, "sensitivity") as report:
-                for index, layer in enumerate(self.default_layers):
-                    self.apply(amount, mode="masked", scope="layer", include=[layer.name], progress=silent)
-                    top1, ppl = self._agreement()
-                    rows.append(
-                        {
-                            "name": layer.name,
-                            "block": layer.block,
-                            "role": layer.role,
-                            "top1_match": top1,
-                            "top1_drop": 1.0 - top1,
-                            "perplexity": ppl,
-                        }
-                    )
-                    report(index + 1, len(self.default_layers), layer.name)
-        return pd.DataFrame(rows).sort_values("top1_drop", ascending=False, kind="stable").reset_index(drop=True)
 
     @_exclusive
     def token_agreement(self) -> TokenAgreement:

@@ -109,10 +109,10 @@ class Worker:
 def stop_hooks(model: nn.Module, check: Callback) -> Iterator[None]:
     """Within this block every forward pass of ``model`` and of each of its transformer blocks first calls ``check``
     (which raises to stop): measuring and generating stop at the next block."""
-    from .calibration import decoder_layers
+    from .calibration import decoder_blocks
 
     try:
-        blocks = list(decoder_layers(model))
+        blocks = list(decoder_blocks(model))
     except ValueError:  # no ModuleList of blocks: the whole model only
         blocks = []
     handles = [module.register_forward_pre_hook(lambda *_: check()) for module in (model, *blocks)]

@@ -159,7 +159,7 @@ def logit_error_bound(logits: torch.Tensor, depth: int, fan_in: int) -> float:
 
 def model_depth_and_fan_in(model: torch.nn.Module) -> tuple[int, int]:
     """(linear layers on the longest path, widest input of any linear layer) of a causal LM."""
-    from jupyter_sparsify.calibration import decoder_layers, in_features
+    from jupyter_sparsify.calibration import decoder_blocks, in_features
     from jupyter_sparsify.formats import CSRLinear
 
     widths = [
@@ -167,7 +167,7 @@ def model_depth_and_fan_in(model: torch.nn.Module) -> tuple[int, int]:
         for m in model.modules()
         if isinstance(m, (torch.nn.Linear, CSRLinear)) or type(m).__name__ == "Conv1D"
     ]
-    return 4 * len(decoder_layers(model)) + 1, max(widths)
+    return 4 * len(decoder_blocks(model)) + 1, max(widths)
 
 
 def assert_same_function(reference: torch.Tensor, logits: torch.Tensor, model: torch.nn.Module) -> int:

@@ -11,8 +11,7 @@ from torch import nn
 from jupyter_sparsify.calibration import (
     collect_input_stats,
     collect_sequential,
-    decoder_layers,
-    default_calibration_texts,
+    decoder_blocks,
 )
 from jupyter_sparsify.masks import row_keep_mask
 from jupyter_sparsify.scores import wanda_scores
@@ -42,7 +41,7 @@ def _word_tokenizer():
 
 
 def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers = decoder_layers(model)
+    layers = decoder_blocks(model)
     return [
         (name, module)
         for name, module in model.named_modules()
@@ -143,7 +142,7 @@ def test_sequential_matches_one_shot_when_nothing_is_pruned(model):
         model,
         tokenizer,
         TEXTS,
-        decoder_layers(model),
+        decoder_blocks(model),
         modules,
         lambda index, stats: seen.setdefault(index, stats),
         batch_size=2,
@@ -171,7 +170,7 @@ def test_sequential_sees_the_pruned_earlier_blocks():
         model,
         tokenizer,
         TEXTS,
-        decoder_layers(model),
+        decoder_blocks(model),
         modules,
         lambda index, stats: (sequential.update(stats), prune_block(index, stats)),
         want="norms",
@@ -186,14 +185,5 @@ def test_sequential_rejects_modules_outside_the_blocks():
     model, tokenizer = tiny_model("llama", vocab_size=1000), _word_tokenizer()
     with pytest.raises(ValueError, match="lm_head"):
         collect_sequential(
-            model, tokenizer, TEXTS, decoder_layers(model), [("lm_head", model.lm_head)], lambda index, stats: None
+            model, tokenizer, TEXTS, decoder_blocks(model), [("lm_head", model.lm_head)], lambda index, stats: None
         )
-
-
-def test_default_calibration_texts_are_shipped():
-    texts = default_calibration_texts()
-    assert len(texts) > 100
-    joined = " ".join(texts).lower()
-    assert sum(len(text.split()) for text in texts) > 15000
-    for evaluation_topic in ("perplexity", "http 429", "thermal throttling", "sparsity"):
-        assert evaluation_topic not in joined

@@ -58,14 +58,15 @@ def test_prune_stats_layers_reset_history(shell, tiny, tmp_path):
     assert pd.read_csv(tmp_path / "h.csv").shape == history.shape
 
 
-def test_compare_sweeps_and_leaves_the_model_dense(shell, tiny):
+def test_compare_sweeps_and_leaves_the_model_as_it_was(shell, tiny):
+    magic(shell, "prune tiny --amount 0.4")
     before = state_checksum(tiny)
     table = magic(shell, "compare tiny --amounts 0 0.3 0.5 --modes masked csr")
     assert list(table["setup"]) == ["Dense", "Masked 30%", "CSR 30%", "Masked 50%", "CSR 50%"]
     size = dict(zip(table["setup"], table["size_mb"]))
     # bitmap columns: 1/8 byte per weight + 4 per nonzero against dense's 4, so CSR breaks even at 3 %
     assert size["Dense"] == size["Masked 30%"] > size["CSR 30%"] > size["CSR 50%"]
-    assert state_checksum(tiny) == before
+    assert state_checksum(tiny) == before and existing_session(tiny).settings.label == "Masked 40%"
 
 
 def test_prune_with_block_reconstruction(shell, tiny):

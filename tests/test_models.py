@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jupyter_sparsify.models import ModelLoadError, embedded_gguf_path, load_model, parse_dtype
+from jupyter_sparsify.models import ModelLoadError, _complete, embedded_gguf_path, load_model, parse_dtype
 
 from helpers import tiny_model, word_tokenizer
 
@@ -20,6 +20,28 @@ def test_the_cache_reloads_the_gguf_model_with_identical_logits(tmp_path, monkey
         assert torch.equal(cached(**ids).logits, direct(**ids).logits)
     assert cached.lm_head.weight.data_ptr() == cached.model.embed_tokens.weight.data_ptr()  # still tied
     assert tokenizer.pad_token is not None
+    folder = next((tmp_path / "models").iterdir())
+    assert _complete(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated cache: converted again
+    assert not _complete(folder)
+
+
+def test_a_damaged_or_missing_folder_is_one_line_that_names_it(tmp_path):
+    model = tiny_model("opt")
+    model.save_pretrained(tmp_path / "damaged")
+    word_tokenizer().save_pretrained(tmp_path / "damaged")
+    weights = next((tmp_path / "damaged").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="damaged could not be loaded"):
+        load_model(tmp_path / "damaged")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(ModelLoadError, match="No folder at"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="No folder at"):
+        load_model("./models/missing")
 
 
 def test_a_local_transformers_folder_and_dtype(tmp_path):

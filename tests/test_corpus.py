@@ -1,12 +1,11 @@
-"""Evaluation / calibration batches: every text once, right-padded, little padding."""
+"""Texts: the shipped calibration corpus; batches with every text once, right-padded, little padding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from jupyter_sparsify.batching import padded_batches
-from jupyter_sparsify.corpus import SEED_TEXTS
+from jupyter_sparsify.corpus import SEED_TEXTS, default_calibration_texts, padded_batches
 
 
 def test_every_text_once_right_padded_and_no_batch_too_large(tokenizer):
@@ -38,3 +37,12 @@ def test_empty_texts_are_dropped_and_max_batch_checked(tokenizer):
     assert padded_batches(tokenizer, [""], max_length=8, max_batch=2) == []
     with pytest.raises(ValueError, match="max_batch"):
         padded_batches(tokenizer, ["a"], max_length=8, max_batch=0)
+
+
+def test_default_calibration_texts_are_shipped():
+    texts = default_calibration_texts()
+    assert len(texts) > 100
+    joined = " ".join(texts).lower()
+    assert sum(len(text.split()) for text in texts) > 15000
+    for evaluation_topic in ("perplexity", "http 429", "thermal throttling", "sparsity"):
+        assert evaluation_topic not in joined
