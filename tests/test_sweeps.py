@@ -39,3 +39,18 @@ def test_sensitivity_ranks_every_layer_without_recording_and_puts_the_variant_ba
     assert list(table["top1_drop"]) == sorted(table["top1_drop"], reverse=True)
     assert len(session.history) == rows
     assert state_checksum(session.model) == before and session.settings.label == "CSR 40%"
+
+
+def test_the_charts_of_an_untimed_compare_are_valid_bokeh(session, caplog):
+    """Without latency the speedup columns hold NaN (they used to be missing: Bokeh's E-1001 BAD_COLUMN_NAME)."""
+    from bokeh.document import Document
+
+    from jupyter_sparsify.charts import VariantCharts
+
+    charts = VariantCharts()
+    charts.update(compare(session, [0, 0.5], ["masked"], progress=lambda *a: None))
+    document = Document()
+    document.add_root(charts.layout())
+    with caplog.at_level("WARNING", logger="bokeh"):
+        document.validate()
+    assert "E-1001" not in caplog.text
