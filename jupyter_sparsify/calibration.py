@@ -119,28 +119,35 @@ def collect_sequential(
         Others: as in :func:`collect_input_stats`.
     """
     owner = _owners(blocks, modules)
-    batches = _batches(tokenizer, texts, context_limit(model, max_length), batch_size, model_device(model))
+    inputs, masks = block_inputs(model, tokenizer, texts, blocks[0], max_length=max_length, batch_size=batch_size)
     with _eval_mode(model), torch.no_grad():
-        inputs = _capture_inputs(model, blocks[0], batches)
         for index, block in enumerate(blocks):
             group = [(name, module) for name, module in modules if owner[name] == index]
             accumulators = _accumulators(group, want)
             state: dict = {"same_input": {}}
             with _hooks(group, accumulators, state):
-                for (args, kwargs), (_, attention) in zip(inputs, batches):
+                for (args, kwargs), attention in zip(inputs, masks):
                     state["mask"], state["previous"] = attention, None
                     block(*args, **kwargs)
             same_input = state["same_input"]
             dense = copy.deepcopy(block) if reconstruct and group else None
             on_block(index, {name: accumulators[same_input.get(name, name)].result() for name in accumulators})
             if dense is not None:
-                reconstruct_block(
-                    block, dense, inputs, [mask for _, mask in batches], [module.weight for _, module in group]
-                )
+                reconstruct_block(block, dense, inputs, masks, [module.weight for _, module in group])
                 del dense
             inputs = [_next_inputs(block, args, kwargs) for args, kwargs in inputs]
             if progress is not None:
                 progress(index + 1, len(blocks), f"calibrating block {index + 1}/{len(blocks)}")
+
+
+def block_inputs(
+    model: nn.Module, tokenizer, texts: list[str], block: nn.Module, *, max_length: int = 256, batch_size: int = 8
+) -> tuple[list[tuple[tuple, dict]], list[Tensor]]:
+    """What ``texts`` feed ``block`` (a transformer block; the forward stops there): per batch the block's
+    ``(args, kwargs)``, and the batch's attention mask."""
+    batches = _batches(tokenizer, texts, context_limit(model, max_length), batch_size, model_device(model))
+    with _eval_mode(model), torch.no_grad():
+        return _capture_inputs(model, block, batches), [mask for _, mask in batches]
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from jupyter_sparsify.calibration import _batches, _capture_inputs, decoder_blocks
+from jupyter_sparsify.calibration import block_inputs, decoder_blocks
 from jupyter_sparsify.masks import row_keep_mask
 from jupyter_sparsify.reconstruction import block_output, reconstruct_block, relative_error
 from jupyter_sparsify.scores import magnitude_scores
@@ -34,10 +34,7 @@ def _block_error(block, dense, inputs, masks) -> float:
 def test_reconstruction_brings_the_pruned_block_closer_and_keeps_its_zeros(architecture, tokenizer):
     model = tiny_model(architecture)
     block = decoder_blocks(model)[0]
-    batches = _batches(tokenizer, TEXTS, 64, 4, torch.device("cpu"))
-    with torch.no_grad():
-        inputs = _capture_inputs(model, block, batches)
-    masks = [mask for _, mask in batches]
+    inputs, masks = block_inputs(model, tokenizer, TEXTS, block, max_length=64, batch_size=4)
     dense = copy.deepcopy(block)
     weights = [m.weight for m in block.modules() if type(m).__name__ in ("Linear", "Conv1D")]
     with torch.no_grad():
