@@ -296,14 +296,10 @@ class SparsifyMagics(Magics):
         session.apply(
             args.amount,
             mode=args.mode,
-            criterion=args.criterion,
-            scope=args.scope,
-            pattern=args.pattern,
             include=args.include,
             exclude=args.exclude,
             backend=args.backend,
-            reconstruct=args.reconstruct,
-            calibration=args.calibration,
+            **_criterion_options(args),
         )
         return pd.DataFrame([session.measure(latency=args.latency, repeats=args.repeats)])
 
@@ -320,18 +316,8 @@ class SparsifyMagics(Magics):
         return table
 
     def _compare(self, args):
-        table = compare(
-            self._session(args),
-            args.amounts,
-            args.modes,
-            latency=args.latency,
-            repeats=args.repeats,
-            criterion=args.criterion,
-            scope=args.scope,
-            pattern=args.pattern,
-            reconstruct=args.reconstruct,
-            calibration=args.calibration,
-        )
+        session, options = self._session(args), _criterion_options(args)
+        table = compare(session, args.amounts, args.modes, latency=args.latency, repeats=args.repeats, **options)
         _show_variants(table)
         return table
 
@@ -425,6 +411,17 @@ class SparsifyMagics(Magics):
                 )
         self._last_model = name
         return known or session_for(model, tokenizer, self._texts)
+
+
+def _criterion_options(args) -> dict:
+    """The options of ``prune`` and ``compare`` that say how to choose the weights."""
+    return dict(
+        criterion=args.criterion,
+        scope=args.scope,
+        pattern=args.pattern,
+        reconstruct=args.reconstruct,
+        calibration=args.calibration,
+    )
 
 
 def _show(obj) -> None:
