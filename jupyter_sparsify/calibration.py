@@ -323,6 +323,10 @@ class Calibrator:
         missing = [module for name, module in modules if name not in self._cache["hessians"]]
         return sum(in_features(module) ** 2 * 4 for module in missing)
 
+    def cached(self, want: Stat, name: str) -> Tensor | None:
+        """The statistic already collected for one layer (``None`` if not yet): nothing is computed."""
+        return self._cache[want].get(name) if model_dtype(self.model) == self._dtype else None
+
     @property
     def nbytes(self) -> int:
         """Memory held by the cached statistics (a tensor shared by several modules counted once)."""

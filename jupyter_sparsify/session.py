@@ -679,8 +679,8 @@ class Session:
         with self.dense_view():
             weight = weight_matrix(item.module).detach().clone()
         criterion = self.settings.criterion if self.settings.mode != "dense" else "magnitude"
-        cache = getattr(self._calibration, "_cache", {})  # statistics of calibration="once", never computed here
-        norm, hessian = cache.get("norms", {}).get(name), cache.get("hessians", {}).get(name)
+        calibrator = self._calibration  # statistics of calibration="once" if an apply collected them; none computed
+        norm, hessian = (calibrator.cached(want, name) if calibrator else None for want in ("norms", "hessians"))
         if criterion == "wanda" and norm is not None:
             scores, label = wanda_scores(weight, norm), "|W|·‖X‖ (Wanda, ‖X‖ on the dense model)"
         elif criterion in ("sparsegpt", "admm") and hessian is not None:
