@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 Progress = Callable[[int, int, str], None]
+REFRESH_S = 0.2  # the default bar redraws at most this often (and at the end)
 
 
 @contextmanager
@@ -18,13 +19,17 @@ def tqdm_progress(progress: Progress | None, description: str) -> Iterator[Progr
     from tqdm.auto import tqdm
 
     bar = tqdm(total=1, desc=description, leave=False)
+    shown = [-REFRESH_S]
 
     def report(done: int, total: int, message: str) -> None:
         if bar.total != total:
             bar.reset(total=total)
         bar.n = done
-        bar.set_postfix_str(message[-40:], refresh=False)
-        bar.refresh()
+        now = time.monotonic()
+        if done >= total or now - shown[0] >= REFRESH_S:  # each redraw is a widget message in a notebook
+            bar.set_postfix_str(message[-40:], refresh=False)
+            bar.refresh()
+            shown[0] = now
 
     try:
         yield report
