@@ -266,7 +266,7 @@ def _points(history: pd.DataFrame) -> dict[str, list]:
 
 
 def sensitivity_figure(table: pd.DataFrame):
-    """Bars of the top-1 drop when each layer alone is pruned (from ``Session.sensitivity``)."""
+    """Bars of the top-1 drop when each layer alone is pruned (from :func:`~jupyter_sparsify.sweeps.sensitivity`)."""
     ordered = table.sort_values(["block", "name"], na_position="first", kind="stable") if not table.empty else table
     source = ColumnDataSource(_layer_bars(ordered, "top1_drop"))
     return _layer_figure("Top-1 drop when this layer alone is pruned", "1 − top-1 agreement", source)

@@ -424,7 +424,7 @@ class Session:
         so putting it back takes milliseconds and cannot itself be half done.
 
         Args:
-            always: put the variant back also when the block ends normally (what :meth:`sensitivity` needs).
+            always: put the variant back also when the block ends normally (what the sweeps need).
         """
         with self._turn():
             if self._aside.active:  # an outer block already holds the state to go back to
