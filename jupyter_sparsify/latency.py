@@ -29,9 +29,11 @@ class Latency:
 def prefill_seconds(model: nn.Module, corpus: EncodedCorpus) -> float:
     """Seconds for one forward pass over every batch of the corpus."""
     device = model_device(model)
+    _synchronize(device)
     start = time.perf_counter()
     for batch in corpus.batches:
         model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    _synchronize(device)
     return time.perf_counter() - start
 
 
@@ -44,8 +46,10 @@ def decode_seconds_per_token(model: nn.Module, prompt: torch.Tensor, new_tokens:
         config = GenerationConfig(
             max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0, eos_token_id=None
         )
+        _synchronize(prompt.device)
         start = time.perf_counter()
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+        _synchronize(prompt.device)
         return time.perf_counter() - start
 
     return max(0.0, generate(new_tokens + 1) - generate(1)) / new_tokens
@@ -87,3 +91,9 @@ def _median(samples: list[tuple[float, float]]) -> Latency:
         prefill_ms=1000 * statistics.median(s[0] for s in samples),
         decode_ms=1000 * statistics.median(s[1] for s in samples),
     )
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: the clock must not stop at the launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
