@@ -280,9 +280,8 @@ class Session:
         ]
         if not changed:
             return
-        converted = {weight_matrix(layer.module).dtype for layer in changed} - {model_dtype(self.model)}
-        original = next((self._originals[layer.name].dtype for layer in changed if layer.name in self._originals), None)
-        if original is not None and model_dtype(self.model) != original and not converted:
+        original = next((tensor.dtype for tensor in self._originals.values()), None)
+        if original is not None and model_dtype(self.model) != original:
             raise ValueError(
                 f"the model was converted to {model_dtype(self.model)} after this session began (e.g. model.half()), "
                 f"while its dense original is {original}: convert it back (model.to({original})), or start a new "
@@ -386,19 +385,8 @@ class Session:
         self.settings, self._pruned = settings, layers
 
     def _restore_dense(self) -> None:
-        """Every layer back to its dense original. Atomic in effect: an interrupt is held until the last layer
-        is restored (each step is a copy), then raised, so the settings always describe the weights."""
-        pending, interrupt = list(self._candidates), None
-        while pending:
-            try:
-                while pending:
-                    self._restore_layer(pending[0])
-                    pending.pop(0)
-            except KeyboardInterrupt as error:
-                interrupt = error
-        self.settings, self._pruned = DENSE, []
-        if interrupt is not None:
-            raise interrupt
+        """Every layer back to its dense original (atomic in effect, see :meth:`_put_back`)."""
+        self._put_back(_SetAside())
 
     def _restore_layer(self, layer: PrunableLayer) -> None:
         """Put back one layer's dense weight, then its module (idempotent: safe to run again). A weight set
@@ -435,10 +423,12 @@ class Session:
                 yield
             except BaseException:
                 self._put_back(self._aside)
+                self._record_fingerprints()
                 raise
             else:
                 if always:
                     self._put_back(self._aside)
+                    self._record_fingerprints()
             finally:
                 self._aside = _SetAside()
 
@@ -456,7 +446,9 @@ class Session:
             self._lock.release()
 
     def _put_back(self, state: _SetAside) -> None:
-        """Make ``state`` the model's variant again (interrupts are held until it is, as in :meth:`_restore_dense`)."""
+        """Make ``state`` the model's variant (``_SetAside()``: dense). Atomic in effect: an interrupt is held until
+        every layer is done (each step is a copy or a pointer assignment, safe to repeat), then raised, so the
+        settings always describe the weights."""
         kept = {layer.name for layer, _, _ in state.parts}
         pending, interrupt = [layer for layer in self._candidates if layer.name not in kept], None
         while True:
@@ -464,11 +456,10 @@ class Session:
                 while pending:
                     self._restore_layer(pending[0])
                     pending.pop(0)
-                for layer, module, data in state.parts:  # pointer assignments only: repeatable
+                for layer, module, data in state.parts:
                     layer.module.weight.data = data
                     setattr(layer.parent, layer.attr, module)
                 self.settings, self._pruned = state.settings, [layer for layer, _, _ in state.parts]
-                self._record_fingerprints()
                 break
             except KeyboardInterrupt as error:
                 interrupt = error
@@ -571,19 +562,23 @@ class Session:
         Returns:
             ``(name, density)`` with ``density[i, j]`` in [0, 1], rows = outputs, columns = inputs.
         """
-        layers = {item.name: item for item in self._candidates}
-        if layer is None:
-            layer = (self._pruned or self.default_layers)[0].name
-        if layer not in layers:
-            raise ValueError(f"no prunable layer named {layer!r}; see layer_table() for the names")
+        item, kept = self._kept_now(layer)
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
             raise ValueError(f"max_size must be a whole number >= 1; got {max_size!r}")
-        module = getattr(layers[layer].parent, layers[layer].attr)
+        rows, columns = (-(-size // max_size) for size in kept.shape)  # block size, rounded up
+        density = torch.nn.functional.avg_pool2d(kept.float()[None, None], (rows, columns), ceil_mode=True)[0, 0]
+        return item.name, density.numpy()
+
+    def _kept_now(self, layer: str | None) -> tuple[PrunableLayer, torch.Tensor]:
+        """A prunable layer by name (default: the first pruned one, else the first prunable one) and which of its
+        weights are kept now (bool ``[out, in]``)."""
+        layers = {item.name: item for item in self._candidates}
+        name = layer if layer is not None else (self._pruned or self.default_layers)[0].name
+        if name not in layers:
+            raise ValueError(f"no prunable layer named {name!r}; see layer_table() for the names")
+        module = getattr(layers[name].parent, layers[name].attr)
         weight = module.dense_weight() if isinstance(module, CSRLinear) else weight_matrix(module)
-        kept = (weight != 0).float()[None, None]
-        rows, columns = (-(-size // max_size) for size in kept.shape[-2:])  # block size, rounded up
-        density = torch.nn.functional.avg_pool2d(kept, (rows, columns), ceil_mode=True)[0, 0]
-        return layer, density.numpy()
+        return layers[name], weight != 0
 
     @_exclusive
     def generate(self, prompt: str, max_new_tokens: int = 30) -> SideBySide:
@@ -669,13 +664,8 @@ class Session:
         """
         from .scores import magnitude_scores, wanda_scores
 
-        layers = {item.name: item for item in self._candidates}
-        name = layer if layer is not None else (self._pruned or self.default_layers)[0].name
-        if name not in layers:
-            raise ValueError(f"no prunable layer named {name!r}; see layer_table() for the names")
-        item = layers[name]
-        current = getattr(item.parent, item.attr)
-        kept = (current.dense_weight() if isinstance(current, CSRLinear) else weight_matrix(current)) != 0
+        item, kept = self._kept_now(layer)
+        name = item.name
         with self.dense_view():
             weight = weight_matrix(item.module).detach().clone()
         criterion = self.settings.criterion if self.settings.mode != "dense" else "magnitude"
