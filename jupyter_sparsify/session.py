@@ -39,9 +39,10 @@ from .generation import SideBySide, side_by_side
 from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
 from .memory import release_freed_memory
-from .models import context_limit, model_device, model_dtype
+from .models import cache_dir, context_limit, model_device, model_dtype
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
+from .undo import DenseOriginals, UndoBytes, validate_undo
 
 MODES = ("dense", "masked", "csr")
 
@@ -95,8 +96,16 @@ class Session:
     """A causal LM wrapped for in-place, reversible pruning and honest measurement.
 
     Creating a session runs the dense model once over the evaluation corpus (the reference
-    for ``top1_match``) and keeps a copy of every prunable weight so that any apply can start
-    from the dense original and ``reset`` restores it bit-exact; ``undo_bytes`` is that cost.
+    for ``top1_match``) and keeps the dense original of every prunable weight so that any apply
+    can start from it and ``reset`` restores it bit-exact: read back from the checkpoint's files
+    where the model came from safetensors and is unchanged since, else a copy (``undo``, below);
+    ``undo_bytes`` is that cost.
+
+    Args:
+        texts: the evaluation corpus (default: the shipped seed texts).
+        undo: where the dense original is kept: ``"auto"`` (the checkpoint's files where the weights equal
+            them, else RAM, or a spill file in the cache folder when RAM is short), ``"memory"`` (a copy in
+            RAM), ``"disk"`` (never in RAM: the checkpoint's files or a spill file); see :mod:`.undo`.
 
     Example:
         >>> session = Session(model, tokenizer)
@@ -105,8 +114,9 @@ class Session:
         >>> session.reset()
     """
 
-    def __init__(self, model: nn.Module, tokenizer, texts: Sequence[str] = SEED_TEXTS) -> None:
+    def __init__(self, model: nn.Module, tokenizer, texts: Sequence[str] = SEED_TEXTS, *, undo: str = "auto") -> None:
         self._lock = threading.RLock()
+        validate_undo(undo)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (e.g. from load_model()); got {type(model).__name__}")
         if tokenizer is None or not callable(tokenizer):
@@ -129,7 +139,8 @@ class Session:
         self._candidates = linear_layers(model)
         self._heads = head_module_names(model)
         self.default_layers = select_layers(self._candidates, self._heads)
-        self._originals: dict[str, torch.Tensor] = {}
+        self._dense_dtype = model_dtype(model)
+        self._originals = DenseOriginals(model, undo, cache_dir() / "undo")
         self._snapshot(self.default_layers)
         self._dense_compute = metrics.linear_compute(model)
         self.settings = DENSE
@@ -280,8 +291,8 @@ class Session:
         ]
         if not changed:
             return
-        original = next((tensor.dtype for tensor in self._originals.values()), None)
-        if original is not None and model_dtype(self.model) != original:
+        original = self._dense_dtype
+        if model_dtype(self.model) != original:
             raise ValueError(
                 f"the model was converted to {model_dtype(self.model)} after this session began (e.g. model.half()), "
                 f"while its dense original is {original}: convert it back (model.to({original})), or start a new "
@@ -367,10 +378,14 @@ class Session:
                 )
 
     def _snapshot(self, layers: list[PrunableLayer]) -> None:
-        """Keep a copy of each layer's dense weight (once per weight) so that it can be restored."""
-        for layer in layers:
-            if layer.name not in self._originals and _is_first_owner(layer, self._candidates):
-                self._originals[layer.name] = layer.module.weight.detach().clone()
+        """Keep each layer's dense original (once per weight) so that it can be restored."""
+        self._originals.keep(
+            {
+                layer.name: layer.module.weight
+                for layer in layers
+                if layer.name not in self._originals and _is_first_owner(layer, self._candidates)
+            }
+        )
 
     def _prune(self, settings: PruneSettings, layers: list[PrunableLayer], progress: Progress | None) -> None:
         self._snapshot(layers)
@@ -391,8 +406,8 @@ class Session:
     def _restore_layer(self, layer: PrunableLayer) -> None:
         """Put back one layer's dense weight, then its module (idempotent: safe to run again). A weight set
         aside by :meth:`undoable` is left as it is: the layer gets a fresh copy of its original."""
-        original = self._originals.get(layer.name)
-        if original is not None:
+        if layer.name in self._originals:
+            original = self._originals.original(layer.name)
             data = layer.module.weight.data
             with torch.no_grad():
                 if data.shape == original.shape and not self._aside.holds(data):
@@ -449,6 +464,7 @@ class Session:
         """Make ``state`` the model's variant (``_SetAside()``: dense). Atomic in effect: an interrupt is held until
         every layer is done (each step is a copy or a pointer assignment, safe to repeat), then raised, so the
         settings always describe the weights."""
+        self._originals.check_files()
         kept = {layer.name for layer, _, _ in state.parts}
         pending, interrupt = [layer for layer in self._candidates if layer.name not in kept], None
         while True:
@@ -469,10 +485,11 @@ class Session:
     @contextmanager
     def dense_view(self) -> Iterator[None]:
         """Within this block the model runs as the dense original (no copy is made)."""
+        self._originals.check_files()
         saved = []
         for layer in self._pruned:
             saved.append((layer, getattr(layer.parent, layer.attr), layer.module.weight.data))
-            layer.module.weight.data = self._originals[layer.name]
+            layer.module.weight.data = self._originals.original(layer.name)
             setattr(layer.parent, layer.attr, layer.module)
         try:
             yield
@@ -629,9 +646,10 @@ class Session:
         return self._calibration.nbytes if self._calibration is not None else 0
 
     @property
-    def undo_bytes(self) -> int:
-        """Memory held to undo pruning: a copy of every weight pruned so far (the default layers from the start)."""
-        return sum(t.numel() * t.element_size() for t in self._originals.values())
+    def undo_bytes(self) -> UndoBytes:
+        """What undo costs (the dense original of the default layers from the start, and of any other layer an
+        apply pruned): bytes held in RAM (``.ram``) and bytes read back from files on disk (``.disk``)."""
+        return self._originals.nbytes
 
     def break_even_table(self) -> pd.DataFrame:
         """Sparsity above which a CSR layer is smaller than dense, per column format, at the model's dtype."""
@@ -695,6 +713,11 @@ class Session:
         """
         from .saving import save_session
 
+        if Path(path).expanduser().resolve() in self._originals.folders:
+            raise ValueError(
+                f"{path} holds the checkpoint that this session reads the dense original back from: saving over it "
+                "would lose the dense model; save to another folder"
+            )
         return save_session(self, path, format, overwrite)
 
 
@@ -756,10 +779,15 @@ def forget_session(model: nn.Module) -> None:
 
 
 def _fingerprint(module: nn.Module) -> int:
-    """Exact, order-independent checksum of a layer's weight (its bits summed as integers; CSR: its values)."""
+    """Exact, order-independent checksum of a layer's weight (CSR: its values): its bytes read as 64-bit integers
+    and summed modulo 2**64 (wide words: a narrow sum promoted to int64 runs 20x slower), plus the leftover bytes."""
     tensor = module.values if isinstance(module, CSRLinear) else module.weight
-    bits = tensor.detach().contiguous().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
-    return int(bits.sum(dtype=torch.int64)) + 7919 * tensor.numel()
+    data = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    whole = data.numel() // 8 * 8
+    if data[:whole].data_ptr() % 8:  # a view that does not start on a word boundary
+        data = data.clone()
+    words = int(data[:whole].view(torch.int64).sum()) if whole else 0
+    return words + int(data[whole:].sum(dtype=torch.int64)) + 7919 * tensor.numel()
 
 
 def _check_no_torch_prune(model: nn.Module) -> None:
