@@ -16,13 +16,16 @@ Wanda with the global scope compares all layers at once, so it always takes the 
 from __future__ import annotations
 
 import warnings
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from .admm import admm_prune
 from .calibration import Calibrator
+from .experts import count_routed_tokens, too_few_tokens
 from .layers import PrunableLayer, weight_matrix
 from .memory import available_memory_bytes
 from .progress import Progress
@@ -40,6 +43,7 @@ SCOPES_OF = {
     "admm": ("row", "layer"),
 }
 _FROM_HESSIANS = {"sparsegpt": sparsegpt_prune, "admm": admm_prune}  # per-layer algorithms on Hessians
+_ROUTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Calibrator -> {expert layer: tokens routed}
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,9 @@ def prune_with_criterion(
     elif settings.criterion == "wanda" and (
         settings.calibration == "once" or not _block_by_block(settings.criterion, settings.scope, settings.pattern)
     ):
-        norms = calibrator.norms(modules, report)
+        with _routed_tokens(calibrator, layers) as routed:
+            norms = calibrator.norms(modules, report)
+        layers = _prune_starved_by_magnitude(layers, routed, settings, warn=True)
         prune_in_place(
             layers,
             lambda layer: wanda_scores(weight_matrix(layer.module), norms[layer.name]),
@@ -156,20 +162,80 @@ def prune_with_criterion(
             progress=report,
         )
     elif settings.calibration == "once" and _hessians_fit(calibrator, modules):
-        hessians, done = calibrator.hessians(modules, report), 0
+        with _routed_tokens(calibrator, layers) as routed:
+            hessians, done = calibrator.hessians(modules, report), 0
+        layers = _prune_starved_by_magnitude(layers, routed, settings, warn=True)
         for group in _sharing_a_hessian(layers, hessians, settings):
             _prune_rows_together(group, hessians[group[0].name], settings)
             done += len(group)
             report(done, len(layers), f"{settings.criterion} {group[-1].name}")
     else:
-        prune, by_name = _pruner(settings), {layer.name: layer for layer in layers}
+        prune, by_name, starved = _pruner(settings), {layer.name: layer for layer in layers}, []
 
         def on_block(index: int, stats: dict[str, torch.Tensor]) -> None:
-            for name, statistic in stats.items():
-                prune(by_name[name], statistic)
+            block = [by_name[name] for name in stats]
+            for layer in _prune_starved_by_magnitude(block, routed, settings, starved=starved):
+                prune(layer, stats[layer.name])
 
         want = "hessians" if settings.criterion in _FROM_HESSIANS else "norms"
-        calibrator.sequential(modules, want, on_block, report, reconstruct=settings.reconstruct)
+        with count_routed_tokens(calibrator.model) as routed:
+            calibrator.sequential(modules, want, on_block, report, reconstruct=settings.reconstruct)
+        _warn_starved(starved, settings.criterion)
+
+
+@contextmanager
+def _routed_tokens(calibrator: Calibrator, layers: Sequence[PrunableLayer]) -> Iterator[dict[str, int]]:
+    """Around the calibrator's once-pass: yields ``{expert layer name: calibration tokens routed to it}``, filled
+    when the block ends for the expert layers of ``layers`` whose statistics that pass collected, and kept with
+    the calibrator (as its statistics are) for later applies, which do not run the pass again."""
+    known = _ROUTED.setdefault(calibrator, {})
+    with count_routed_tokens(calibrator.model) as fresh:
+        yield known
+    for layer in layers:
+        if layer.name in fresh and layer.name not in known:
+            known[layer.name] = fresh[layer.name]
+
+
+def _prune_starved_by_magnitude(
+    layers: Sequence[PrunableLayer],
+    routed: dict[str, int],
+    settings: PruneSettings,
+    *,
+    warn: bool = False,
+    starved: list[str] | None = None,
+) -> list[PrunableLayer]:
+    """Prune by magnitude (same amount, scope and pattern) the expert layers too few calibration tokens were routed
+    to (:func:`~jupyter_sparsify.experts.too_few_tokens`); return the other layers. Their names are added to
+    ``starved``, or with ``warn`` said in one warning. (With the global scope they share one magnitude threshold,
+    the others one of the criterion, so the total count may differ from a single threshold's by one weight.)"""
+    hungry = [layer for layer in layers if layer.name in routed and too_few_tokens(layer, routed[layer.name])]
+    if hungry:
+        prune_in_place(
+            hungry,
+            lambda layer: magnitude_scores(weight_matrix(layer.module)),
+            amount=settings.amount,
+            scope=settings.scope,
+            pattern=settings.pattern,
+        )
+    names = [layer.name for layer in hungry]
+    if starved is not None:
+        starved.extend(names)
+    if warn:
+        _warn_starved(names, settings.criterion)
+    return [layer for layer in layers if layer not in hungry]
+
+
+def _warn_starved(names: list[str], criterion: str, shown: int = 6) -> None:
+    """One line naming the expert layers pruned by magnitude because too few calibration tokens reached them."""
+    if not names:
+        return
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    warnings.warn(
+        f"jupyter_sparsify: {len(names)} expert layer(s) were routed fewer calibration tokens than they have inputs, "
+        f"too few for {criterion}, and were pruned by magnitude instead: {listed}; more calibration text "
+        "(session.set_calibration_texts) gives them statistics",
+        stacklevel=4,
+    )
 
 
 def _hessians_fit(calibrator: Calibrator, modules: list) -> bool:

@@ -58,8 +58,9 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def head_module_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s): ``get_output_embeddings()`` and any layer tied to the input embeddings."""
-    names: set[str] = set()
+    """Names of the layers pruned only when named in ``include``: the output head(s) (``get_output_embeddings()``
+    and any layer tied to the input embeddings) and the linear routers of MoE blocks (:func:`router_module_names`)."""
+    names = router_module_names(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied_ptr = embeddings.weight.data_ptr() if embeddings is not None else None
@@ -69,6 +70,19 @@ def head_module_names(model: nn.Module) -> set[str]:
         elif is_linear_like(module) and tied_ptr is not None and module.weight.data_ptr() == tied_ptr:
             names.add(name)
     return names
+
+
+def router_module_names(model: nn.Module) -> set[str]:
+    """Names of the linear layers beside an MoE block's ``experts`` module (the router ``gate`` where it is an
+    ``nn.Linear``, Qwen2-MoE's ``shared_expert_gate``): tiny, and they decide how much each expert counts, so
+    pruning them would reroute tokens."""
+    return {
+        f"{parent_name}.{attr}" if parent_name else attr
+        for parent_name, parent in model.named_modules()
+        if isinstance(getattr(parent, "experts", None), nn.Module)
+        for attr, child in parent.named_children()
+        if is_linear_like(child)
+    }
 
 
 def find_prunable_layers(
@@ -85,8 +99,8 @@ def find_prunable_layers(
         exclude: glob patterns of layers to leave dense.
 
     Returns:
-        The layers in model order. The output head and layers tied to the input embeddings are
-        left out unless ``include`` names them; a weight shared by several modules appears once.
+        The layers in model order. The output head, layers tied to the input embeddings and MoE
+        routers are left out unless ``include`` names them; a weight shared by several modules appears once.
 
     Raises:
         TypeError: ``model`` is not a torch module.

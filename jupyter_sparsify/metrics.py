@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from .experts import active_shares
 from .formats import CSRLinear
 from .layers import is_linear_like
 
@@ -123,27 +124,79 @@ def model_weight_count(model: nn.Module, nonzeros: NonzeroCounts | None = None) 
 
 @dataclass(frozen=True)
 class LinearCompute:
-    """Multiply-accumulates per token in the linear layers (head included, embeddings excluded)."""
+    """Multiply-accumulates per token in the linear layers (head included, embeddings excluded); an MoE expert's
+    layers count for the share of tokens that run them (top-k of n experts), so these may be fractional."""
 
-    dense: int  # every weight of every linear layer
-    nonzero: int  # only the nonzero weights: what a perfect sparse kernel would do
-    executed: int  # what the kernels really multiply: dense layers all, CSR layers their nnz
+    dense: float  # every weight of every linear layer
+    nonzero: float  # only the nonzero weights: what a perfect sparse kernel would do
+    executed: float  # what the kernels really multiply: dense layers all, CSR layers their nnz
 
 
 def linear_compute(model: nn.Module, nonzeros: NonzeroCounts | None = None) -> LinearCompute:
-    """MACs per token of the model's linear layers (attention score products are not included)."""
+    """MACs per token of the model's linear layers (attention score products are not included).
+
+    In theory, for MoE models: each token runs only its top-k of the n experts of a block, so an expert's layers
+    count k/n of their MACs (the average under uniform routing; a real router's load differs by expert).
+    """
     nonzeros = nonzeros or NonzeroCounts()
+    shares = active_shares(model)
     dense = nonzero = executed = 0
     for module in model.modules():
+        share = shares.get(id(module), 1)
         if isinstance(module, CSRLinear):
-            dense += module.in_features * module.out_features
-            nonzero += nonzeros(module.values)
-            executed += module.nnz
+            dense += share * module.in_features * module.out_features
+            nonzero += share * nonzeros(module.values)
+            executed += share * module.nnz
         elif is_linear_like(module):
-            dense += module.weight.numel()
-            nonzero += nonzeros(module.weight)
-            executed += module.weight.numel()
+            dense += share * module.weight.numel()
+            nonzero += share * nonzeros(module.weight)
+            executed += share * module.weight.numel()
     return LinearCompute(dense, nonzero, executed)
+
+
+@dataclass(frozen=True)
+class MatmulCoverage:
+    """How many of a model's matmul weights a set of layers holds, and the owners of the rest."""
+
+    covered: int
+    uncovered: dict[str, int]  # weights outside the layers, by owner: "module type.parameter"
+
+    @property
+    def share(self) -> float:
+        total = self.covered + sum(self.uncovered.values())
+        return self.covered / total if total else 1.0
+
+
+def matmul_coverage(model: nn.Module, modules: Iterable[nn.Module]) -> MatmulCoverage:
+    """The share of the model's matmul weights held by ``modules`` (dense or CSR layers of the model).
+
+    Matmul weights: every distinct parameter of 2 or more dimensions outside ``nn.Embedding`` modules (lookups,
+    not matmuls; a head tied to the input embeddings is left out with them), CSR layers at their dense shape.
+    A 2-D parameter used elementwise would count too; the supported models have none.
+    """
+    inside = {id(module) for module in modules}
+    skip = {module.weight.data_ptr() for module in model.modules() if isinstance(module, nn.Embedding)}
+    covered, uncovered = 0, {}
+    for module in model.modules():
+        for name, size in _matmul_weights(module, skip):
+            if id(module) in inside:
+                covered += size
+            else:
+                owner = f"{type(module).__name__}.{name}"
+                uncovered[owner] = uncovered.get(owner, 0) + size
+    return MatmulCoverage(covered, uncovered)
+
+
+def _matmul_weights(module: nn.Module, skip: set[int]) -> Iterator[tuple[str, int]]:
+    """``(parameter name, weights)`` of the module's own matmul weights whose data is not in ``skip`` (which
+    then grows by them, so that a tied tensor counts once)."""
+    if isinstance(module, CSRLinear):
+        yield "weight", module.in_features * module.out_features
+        return
+    for name, tensor in module.named_parameters(recurse=False):
+        if tensor.dim() >= 2 and tensor.data_ptr() not in skip:
+            skip.add(tensor.data_ptr())
+            yield name, tensor.numel()
 
 
 def csr_break_even(value_dtype: torch.dtype, index_dtype: torch.dtype) -> float:

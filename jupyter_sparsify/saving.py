@@ -12,6 +12,10 @@ release that decompresses them, reads these folders (tests/test_saving.py checks
 
 Stored values are the weights' own bits, so the round trip is exact; a ``-0.0`` weight (masked pruning
 multiplies by the mask) counts as pruned and comes back as ``+0.0``, equal as a number.
+
+MoE experts that a session split (:mod:`.experts`) are handed to ``save_pretrained`` in transformers' fused
+layout, which writes them as its checkpoints hold them: one 2-D weight per expert matrix, under the
+checkpoint's names (Mixtral's ``block_sparse_moe.experts.3.w1``), each compressed like any pruned layer.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from . import metrics
+from .experts import checkpoint_names, fused_state_dict
 from .formats import CSRLinear
 
 if TYPE_CHECKING:
@@ -84,13 +89,15 @@ def save_session(
         session.tokenizer.save_pretrained(folder)
         compression, compressed, tied = None, 0, ()
         if format == "compressed":
-            pruned = [layer.name for layer in session._pruned]
+            saved_as = checkpoint_names(model)  # MoE experts are written in the checkpoint layout
+            pruned = [saved_as.get(layer.name, layer.name) for layer in session._pruned]
             compression, compressed, tied = _compress_folder(folder, pruned, session.settings.pattern, model)
     return SavedModel(target, format, folder_mb(target), compression, compressed, tied)
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every CSR layer as the dense weight (zeros included) it stands for."""
+    """The model's state dict with every CSR layer as the dense weight (zeros included) it stands for, and the MoE
+    experts a session split back in transformers' fused layout (:func:`~jupyter_sparsify.experts.fused_state_dict`)."""
     state = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, CSRLinear):
@@ -98,7 +105,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 del state[f"{name}.{buffer}"]
             weight = module.dense_weight()
             state[f"{name}.weight"] = weight.t().contiguous() if module.source_kind == "conv1d" else weight
-    return state
+    return fused_state_dict(model, state)
 
 
 def folder_mb(folder: Path) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +35,7 @@ from .criteria import (
     validate_criterion,
 )
 from .evaluation import check_vocabulary, flat_predictions, run_corpus
+from .experts import fuse_experts, unfuse_experts
 from .formats import CSRLinear, validate_backend
 from .generation import SideBySide, side_by_side
 from .latency import measure_against_dense
@@ -73,6 +75,7 @@ class Measurement:
     eval_tokens: int = 0
 
 
+LOW_COVERAGE = 0.9  # a session that can prune less of the model's matmul weights than this warns when it starts
 QUIET_BATCHES = 16  # evaluation corpora up to this many batches (128 texts) get no progress bar of their own
 HISTORY_COLUMNS = tuple(column.name for column in fields(Measurement))
 
@@ -136,9 +139,21 @@ class Session:
         _check_no_torch_prune(model)
         self.model = model
         self.tokenizer = tokenizer
+        unfuse_experts(model)  # fused MoE experts become one nn.Linear per expert matrix (see .experts)
+        try:
+            self._start(texts, undo)
+        except BaseException:
+            fuse_experts(model)  # a session that fails to start leaves the model in transformers' own layout
+            raise
+        _SESSIONS[id(model)] = self  # one model, one session: the magics and the panel find it
+
+    def _start(self, texts: Sequence[str], undo: str) -> None:
+        """Find the prunable layers, keep their dense originals and compute the dense reference."""
+        model = self.model
         self._candidates = linear_layers(model)
         self._heads = head_module_names(model)
         self.default_layers = select_layers(self._candidates, self._heads)
+        _warn_if_low_coverage(self)
         self._dense_dtype = model_dtype(model)
         self._originals = DenseOriginals(model, undo, cache_dir() / "undo")
         self._snapshot(self.default_layers)
@@ -150,7 +165,6 @@ class Session:
         self._aside = _SetAside()
         self.set_texts(texts)
         self._record_fingerprints()
-        _SESSIONS[id(model)] = self  # one model, one session: the magics and the panel find it
 
     # -- corpus ---------------------------------------------------------------------------
 
@@ -640,6 +654,22 @@ class Session:
             )
         return pd.DataFrame(rows)
 
+    def coverage(self) -> float:
+        """Share of the model's matmul weights that this session can prune.
+
+        Matmul weights: every distinct parameter of 2 or more dimensions outside ``nn.Embedding`` modules (the
+        input and position embeddings are lookups, not matmuls; a head tied to them is left out with them), CSR
+        layers at their dense shape: linear layers, the output head, MoE experts and routers. The session can prune
+        its prunable layers (:attr:`default_layers`, plus the untied head and the linear routers when named in
+        ``include``). Fused MoE experts the session can split (:mod:`.experts`) count as prunable; any other
+        weight left out (e.g. an experts layout it does not know) lowers the share.
+        """
+        return self._matmul_coverage().share
+
+    def _matmul_coverage(self) -> metrics.MatmulCoverage:
+        modules = (getattr(layer.parent, layer.attr) for layer in self._candidates)
+        return metrics.matmul_coverage(self.model, modules)
+
     @property
     def calibration_bytes(self) -> int:
         """Memory held by the calibration statistics kept for ``calibration="once"`` (input norms, Hessians)."""
@@ -775,6 +805,7 @@ def forget_session(model: nn.Module) -> None:
     session = _SESSIONS.get(id(model))
     if session is not None and session.model is model:
         session.reset()
+        fuse_experts(model)  # transformers' own experts layout again
         del _SESSIONS[id(model)]
 
 
@@ -801,6 +832,21 @@ def _check_no_torch_prune(model: nn.Module) -> None:
                 f"hook), which this session would silently mix in: call torch.nn.utils.prune.remove(module, "
                 f"'weight') on it to make the pruning permanent first"
             )
+
+
+def _warn_if_low_coverage(session: Session) -> None:
+    """Warn once, at the session's start, when it can prune less than :data:`LOW_COVERAGE` of the matmul weights."""
+    coverage = session._matmul_coverage()
+    if coverage.share < LOW_COVERAGE:
+        largest = sorted(coverage.uncovered.items(), key=lambda item: -item[1])[:3]
+        where = ", ".join(f"{owner} ({count:,} weights)" for owner, count in largest)
+        warnings.warn(
+            f"jupyter_sparsify: this session can prune only {coverage.share:.0%} of the model's matmul weights; the "
+            f"rest stays dense whatever you apply, mostly {where}: they are not nn.Linear layers (nor fused experts "
+            "in transformers' standard layout, which the session splits), so amounts and sparsities cover "
+            "the prunable part only",
+            stacklevel=3,
+        )
 
 
 def _criterion_label(settings: PruneSettings) -> str:
