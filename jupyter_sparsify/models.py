@@ -65,6 +65,9 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, ready for evaluation.
 
@@ -73,6 +76,12 @@ def load_model(
             (``"facebook/opt-125m"``), a local transformers directory, or a ``.gguf`` file.
         dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (default: float32).
         device: where to put the model (default: CPU).
+        device_map: instead of ``device``, let accelerate place the model: ``"auto"``, ``"balanced"``,
+            ``"sequential"``, ``"cpu"``, or a dict from module names to ``"cpu"``, ``"disk"`` or a GPU index, e.g.
+            ``{"model.layers.20": "disk", "": "cpu"}``; blocks that do not fit are offloaded (see :mod:`.offload`).
+        max_memory: with ``device_map``, the most each device may hold, e.g. ``{"cpu": "8GiB"}``.
+        offload_folder: with ``device_map``, where accelerate writes weights it offloads to disk (not needed
+            for safetensors checkpoints, which it reads in place).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode and the tokenizer has a pad token.
@@ -81,24 +90,88 @@ def load_model(
         >>> model, tokenizer = load_model()            # offline, ~1 s once cached
     """
     torch_dtype = parse_dtype(dtype) or torch.float32
+    placement = _placement(device, device_map, max_memory, offload_folder)
     if source is None:
-        model, tokenizer = _load_embedded(torch_dtype)
+        model, tokenizer = _load_embedded(torch_dtype, placement)
     elif str(source).endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
+        if placement:
+            raise ValueError(
+                "device_map needs a transformers folder or hub name, not a .gguf file: load it once, "
+                "save it (%sparsify save), and load that folder with device_map"
+            )
         model, tokenizer = _load_gguf(path, torch_dtype)
     elif Path(source).expanduser().is_dir():
-        model, tokenizer = _load_directory(Path(source).expanduser(), torch_dtype)
+        model, tokenizer = _load_directory(Path(source).expanduser(), torch_dtype, placement)
     elif _looks_like_a_path(str(source)):
         raise ModelLoadError(f"No folder at {Path(source).expanduser()}: check the path (hub names look like org/name)")
     else:
-        model, tokenizer = _load_hub(str(source), torch_dtype)
+        model, tokenizer = _load_hub(str(source), torch_dtype, placement)
+    if isinstance(device_map, dict):
+        _check_device_map_names(model, device_map)
     if device is not None:
         model = model.to(device)
     own_memory(model)
     ensure_pad_token(tokenizer)
     return model.eval(), tokenizer
+
+
+_DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+
+
+def _placement(device, device_map, max_memory, offload_folder) -> dict:
+    """``from_pretrained``'s placement arguments, checked (a clear error instead of accelerate's)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+        return {}
+    if device is not None:
+        raise ValueError("give device or device_map, not both (device_map={'': 'cuda:0'} puts all on one GPU)")
+    if isinstance(device_map, str):
+        if device_map not in _DEVICE_MAP_NAMES:
+            _check_place(device_map, "device_map")
+    elif isinstance(device_map, dict):
+        for module, where in device_map.items():
+            if not isinstance(module, str):
+                raise ValueError(f"device_map keys are module names (strings); got {module!r}")
+            _check_place(where, f"device_map[{module!r}]")
+    else:
+        raise ValueError(
+            f"device_map must be one of {', '.join(_DEVICE_MAP_NAMES)} or a dict from module names to devices; "
+            f"got {type(device_map).__name__}"
+        )
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise ValueError(f"max_memory must be a dict such as {{'cpu': '8GiB', 0: '20GiB'}}; got {max_memory!r}")
+    placement = {"device_map": device_map, "max_memory": max_memory}
+    if offload_folder is not None:
+        placement["offload_folder"] = str(Path(offload_folder).expanduser())
+    return placement
+
+
+def _check_device_map_names(model: nn.Module, device_map: dict) -> None:
+    """transformers ignores a device_map key that names no module; say so instead."""
+    names = dict(model.named_modules())
+    unknown = [key for key in device_map if key not in names]
+    if unknown:
+        examples = ", ".join(name for name in list(names)[1:4])
+        raise ModelLoadError(
+            f"device_map names {unknown[0]!r}, which is no module of this model: use module names such as "
+            f"{examples} ('' for the whole model)"
+        )
+
+
+def _check_place(where, what: str) -> None:
+    """A device_map value: a GPU index, "disk", or a torch device name."""
+    if isinstance(where, int) and not isinstance(where, bool) and where >= 0 or where == "disk":
+        return
+    try:
+        torch.device(where)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{what} must be 'cpu', 'disk', a GPU index (0) or a device name ('cuda:0'); got {where!r}"
+        ) from None
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -110,7 +183,7 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
 
-def _load_directory(folder: Path, torch_dtype: torch.dtype):
+def _load_directory(folder: Path, torch_dtype: torch.dtype, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .saving import load_compressed, sparse_compressed_format
@@ -123,8 +196,10 @@ def _load_directory(folder: Path, torch_dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if sparse_compressed_format(folder):  # transformers 5 would leave its pruned weights randomly initialised
+            if placement:
+                raise ValueError("device_map is not supported for a compressed folder: load it without one")
             return load_compressed(folder, torch_dtype), tokenizer
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **(placement or {}))
     except Exception as error:  # truncated weights (SafetensorError), a broken config (ValueError), ...
         raise ModelLoadError(f"{folder} could not be loaded ({_first_line(error)})") from None
     return model, tokenizer
@@ -149,13 +224,13 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_hub(name: str, torch_dtype: torch.dtype):
+def _load_hub(name: str, torch_dtype: torch.dtype, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local_only = not _hub_reachable()  # offline: use the local hub cache at once instead of retrying for a minute
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local_only, **placement)
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"Could not load {name!r} from the Hugging Face hub ({_first_line(error)}), and there is no local "
@@ -186,9 +261,11 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
-def _load_embedded(torch_dtype: torch.dtype):
+def _load_embedded(torch_dtype: torch.dtype, placement: dict):
     """The embedded model from its converted cache; a cache that fails to load is converted again, once."""
     folder = _embedded_cache()
+    if placement:  # a load error may be the placement's (a module name that does not exist): not a damaged cache
+        return _load_directory(folder, torch_dtype, placement)
     try:
         return _load_directory(folder, torch_dtype)
     except ModelLoadError as error:

@@ -42,6 +42,7 @@ from .latency import measure_against_dense
 from .layers import PrunableLayer, head_module_names, linear_layers, select_layers, weight_matrix
 from .memory import release_freed_memory
 from .models import cache_dir, context_limit, model_device, model_dtype
+from .offload import attach_offloaded_weights, restore_offload
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
 from .undo import DenseOriginals, UndoBytes, validate_undo
@@ -139,11 +140,13 @@ class Session:
         _check_no_torch_prune(model)
         self.model = model
         self.tokenizer = tokenizer
+        self._offloaded = attach_offloaded_weights(model)  # accelerate's offloaded weights onto their modules
         unfuse_experts(model)  # fused MoE experts become one nn.Linear per expert matrix (see .experts)
         try:
             self._start(texts, undo)
-        except BaseException:
-            fuse_experts(model)  # a session that fails to start leaves the model in transformers' own layout
+        except BaseException:  # a session that fails to start leaves the model as it found it
+            fuse_experts(model)
+            restore_offload(self._offloaded)
             raise
         _SESSIONS[id(model)] = self  # one model, one session: the magics and the panel find it
 
@@ -806,6 +809,7 @@ def forget_session(model: nn.Module) -> None:
     if session is not None and session.model is model:
         session.reset()
         fuse_experts(model)  # transformers' own experts layout again
+        restore_offload(session._offloaded)
         del _SESSIONS[id(model)]
 
 
