@@ -45,7 +45,7 @@ from .models import cache_dir, context_limit, model_device, model_dtype
 from .offload import attach_offloaded_weights, restore_offload
 from .progress import Progress, silent, tqdm_progress
 from .pruning import parse_pattern, validate_amount, validate_scope
-from .undo import DenseOriginals, UndoBytes, validate_undo
+from .undo import DenseOriginals, SpillFile, UndoBytes, spill_wanted, validate_undo
 
 MODES = ("dense", "masked", "csr")
 
@@ -490,7 +490,7 @@ class Session:
                     self._restore_layer(pending[0])
                     pending.pop(0)
                 for layer, module, data in state.parts:
-                    layer.module.weight.data = data
+                    layer.module.weight.data = state.weight(layer, data)
                     setattr(layer.parent, layer.attr, module)
                 self.settings, self._pruned = state.settings, [layer for layer, _, _ in state.parts]
                 break
@@ -757,18 +757,33 @@ class Session:
 @dataclass
 class _SetAside:
     """A variant kept aside by :meth:`Session.undoable`: its settings and, per pruned layer, the module in the
-    model's tree (the layer itself or its CSR replacement) and the layer's weight tensor."""
+    model's tree (the layer itself or its CSR replacement) and the layer's weight tensor.
+
+    The weights are held as they are (the model then gets fresh tensors for its next variant), unless holding them
+    would not fit the memory (:func:`~jupyter_sparsify.undo.spill_wanted`): then their values are written to a spill
+    file, the model's tensors are reused in place, and putting the variant back reads the values from the file."""
 
     settings: PruneSettings = DENSE
     parts: list[tuple[PrunableLayer, nn.Module, torch.Tensor]] = field(default_factory=list)
     active: bool = False
+    spilled: SpillFile | None = None
     _storages: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, session: Session) -> _SetAside:
         parts = [(layer, getattr(layer.parent, layer.attr), layer.module.weight.data) for layer in session._pruned]
-        storages = frozenset(data.untyped_storage().data_ptr() for _, _, data in parts if data.numel())
+        held = {layer.name: data for layer, _, data in parts if data.numel()}
+        if spill_wanted(sum(data.numel() * data.element_size() for data in held.values()), session._originals.mode):
+            return cls(session.settings, parts, active=True, spilled=SpillFile(cache_dir() / "undo", held))
+        storages = frozenset(data.untyped_storage().data_ptr() for data in held.values())
         return cls(session.settings, parts, active=True, _storages=storages)
+
+    def weight(self, layer: PrunableLayer, data: torch.Tensor) -> torch.Tensor:
+        """The weight tensor to put back for ``layer``: the one held, or its values read back from the spill file
+        (into the model's tensor when it fits)."""
+        if self.spilled is None or not data.numel():
+            return data
+        return self.spilled.read_into(layer.name, layer.module.weight.data)
 
     def holds(self, data: torch.Tensor) -> bool:
         """Whether ``data`` shares memory with a weight set aside (it must then not be written to)."""

@@ -16,7 +16,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -74,8 +74,7 @@ class DenseOriginals:
         self._checkpoint = {} if mode == "memory" else checkpoint_tensors(model)
         self._model_prefix = getattr(model, "base_model_prefix", "")
         self._spill_folder = spill_folder
-        self._spilled: list[Path] = []
-        weakref.finalize(self, _remove_files, self._spilled)
+        self._spills: list[SpillFile] = []  # kept: each file is removed when its object goes
 
     def __contains__(self, name: str) -> bool:
         return name in self._in_ram or name in self._on_disk
@@ -109,7 +108,7 @@ class DenseOriginals:
                 f"{changed[0]!r}), e.g. changed after loading; their dense original is kept as a copy instead",
                 stacklevel=3,
             )
-        if missing and self._spill_wanted(missing.values()):
+        if missing and spill_wanted(sum(_size(weight) for weight in missing.values()), self.mode):
             self._spill(missing)
         else:
             self._in_ram.update({name: weight.clone() for name, weight in missing.items()})
@@ -152,25 +151,45 @@ class DenseOriginals:
                 return key
         return None
 
-    def _spill_wanted(self, weights: Iterable[torch.Tensor]) -> bool:
-        if self.mode == "disk":
-            return True
-        if self.mode == "memory":
-            return False
-        available = available_memory_bytes()
-        needed = sum(_size(weight) for weight in weights)
-        return available is not None and needed > RAM_SHARE * available
-
     def _spill(self, weights: Mapping[str, torch.Tensor]) -> None:
+        spill = SpillFile(self._spill_folder, weights)
+        self._spills.append(spill)
+        stamp = _stamp(spill.path)
+        for name, weight in weights.items():
+            self._on_disk[name] = _FileTensor(spill.path, name, weight.dtype, weight.device, _size(weight), stamp)
+
+
+class SpillFile:
+    """Tensors written to a safetensors file in ``folder`` (the cache's), read back on demand; the file is removed
+    when this object goes (or at exit)."""
+
+    def __init__(self, folder: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        self._spill_folder.mkdir(parents=True, exist_ok=True)
-        path = self._spill_folder / f"undo-{os.getpid()}-{id(self)}-{next(_SPILLS)}.safetensors"
-        self._spilled.append(path)
-        save_file({name: weight.contiguous() for name, weight in weights.items()}, str(path))
-        stamp = _stamp(path)
-        for name, weight in weights.items():
-            self._on_disk[name] = _FileTensor(path, name, weight.dtype, weight.device, _size(weight), stamp)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"undo-{os.getpid()}-{next(_SPILLS)}.safetensors"
+        weakref.finalize(self, self.path.unlink, missing_ok=True)
+        save_file({name: tensor.detach().contiguous() for name, tensor in tensors.items()}, str(self.path))
+
+    def read_into(self, key: str, target: torch.Tensor) -> torch.Tensor:
+        """The tensor ``key``, copied into ``target`` when the shape fits (returned), else a new tensor."""
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as handle:
+            stored = handle.get_tensor(key)
+        if target.shape == stored.shape:
+            with torch.no_grad():
+                return target.copy_(stored)
+        return stored.to(device=target.device, copy=True)
+
+
+def spill_wanted(nbytes: int, mode: str) -> bool:
+    """Whether copies of ``nbytes`` go to a spill file rather than RAM: always with ``disk``, never with
+    ``memory``, and with ``auto`` when they would take more than :data:`RAM_SHARE` of the available memory."""
+    if mode != "auto":
+        return mode == "disk"
+    available = available_memory_bytes()
+    return available is not None and nbytes > RAM_SHARE * available
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, Path]:
@@ -224,8 +243,3 @@ def _check_unchanged(item: _FileTensor) -> None:
             f"{item.path} changed since the session read its dense original from it (it was overwritten or "
             "removed), so the dense weights cannot be put back from it; load the model again to start over"
         )
-
-
-def _remove_files(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)

@@ -157,3 +157,37 @@ def test_a_bad_undo_value_names_the_choices(tokenizer):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="undo must be one of auto, memory, disk"):
         Session(model, tokenizer, undo="ram")
+
+
+def test_a_variant_that_would_not_fit_beside_the_next_is_set_aside_on_disk(tokenizer, tmp_path, monkeypatch):
+    """With too little free memory to hold the masked variant while the next apply runs, its values go to a spill
+    file: the next apply reuses the model's tensors (no second copy), and a fault in it still puts the masked
+    variant back bit-exact."""
+    import jupyter_sparsify.undo as undo
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    session = Session(model, tokenizer)
+    try:
+        session.apply(0.5, criterion="wanda")
+        masked = state_checksum(model)
+        storages = [layer.module.weight.untyped_storage().data_ptr() for layer in session.default_layers]
+        monkeypatch.setattr(undo, "available_memory_bytes", lambda: 1024)  # nothing fits: spill
+        session.apply(0.7)
+        at_70 = state_checksum(model)
+        assert [layer.module.weight.untyped_storage().data_ptr() for layer in session.default_layers] == storages
+
+        def fail(*args) -> None:
+            if args[0] == 2:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            session.apply(0.3, criterion="sparsegpt", progress=fail)
+        assert state_checksum(model) == at_70 and session.settings.amount == 0.7
+        session.apply(0.5, criterion="wanda")
+        assert state_checksum(model) == masked
+    finally:
+        forget_session(model)
+        del session
+        gc.collect()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
