@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .corpus import Batch, padded_batches
+from .experts import routed_positions
 from .input_stats import HessianAccumulator, InputNormAccumulator
 from .models import context_limit, model_device, model_dtype
 from .progress import Progress
@@ -217,7 +218,7 @@ def _hooks(group, accumulators, state: dict, stop_when_done: bool = False) -> It
             if "same_input" in state and previous is not None and previous[0] is x:
                 state["same_input"][name] = previous[1]  # fed the same tensor as the module before: counted once
             else:
-                accumulators[name].add_batch(x, state["mask"])
+                accumulators[name].add_batch(x, _mask_of_rows(module, state["mask"]))
                 state["previous"] = (x, name)
             if stop_when_done:
                 state["seen"].add(name)
@@ -232,6 +233,13 @@ def _hooks(group, accumulators, state: dict, stop_when_done: bool = False) -> It
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _mask_of_rows(module: nn.Module, mask: Tensor | None) -> Tensor | None:
+    """The attention mask for a module's input rows: the batch's, or for an MoE expert layer (which sees only the
+    positions routed to it) the batch's at those positions, so that padding routed to an expert never counts."""
+    positions = routed_positions(module)
+    return mask.reshape(-1)[positions.to(mask.device)] if positions is not None and mask is not None else mask
 
 
 @contextmanager

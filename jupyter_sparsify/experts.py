@@ -120,11 +120,19 @@ class UnfusedExperts(nn.Module):
                 continue
             token_idx, top_k_pos = torch.where(routed[index])
             expert = self.expert(index)
+            for part in _PARTS:  # for calibration: which of the batch's positions this expert's layers see
+                getattr(expert, part).routed_positions = token_idx
             current = hidden_states[token_idx]
             out = expert.down_proj(self.act_fn(expert.gate_proj(current)) * expert.up_proj(current))
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
+
+
+def routed_positions(layer: nn.Module) -> torch.Tensor | None:
+    """The flat batch positions (``batch * seq`` order) the last forward routed to this expert layer, whose input
+    rows they are in order; None for a layer outside :class:`UnfusedExperts`."""
+    return getattr(layer, "routed_positions", None)
 
 
 def is_fused_experts(module: nn.Module) -> bool:

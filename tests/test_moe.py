@@ -217,15 +217,21 @@ def test_every_criterion_then_csr_then_reset_bit_exact(architecture, tokenizer, 
 
 
 def test_wanda_norms_of_each_expert_are_those_of_the_tokens_routed_to_it(tokenizer, sessions):
-    """A 2-expert, top-1 toy: each expert's input norms, by hand from the fused model's router choices."""
+    """A 2-expert, top-1 toy: each expert's input norms, by hand from the fused model's router choices, text by text;
+    the calibration pads the shorter text in one batch, and padding routed to an expert must not count."""
     model = tiny_moe("mixtral", experts=2, top_k=1)
     words = [word for word in " ".join(SEED_TEXTS).split() if word.isalpha()]
-    text = " ".join((words * 2)[:120])  # one word, one token: one batch of 120 real tokens (no padding, no truncation)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    assert ids.shape == (1, 120)
-    expected = _norms_by_hand(copy.deepcopy(model), ids)
+    texts = [" ".join((words * 2)[:120]), " ".join(words[7:107])]  # one word, one token: 120 and 100 real tokens
+    ids = [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]
+    assert [tuple(i.shape) for i in ids] == [(1, 120), (1, 100)]  # one batch: 20 padded positions cost less than
+    # a second batch (BATCH_OVERHEAD_TOKENS = 40)
+    by_text = [_norms_by_hand(copy.deepcopy(model), i) for i in ids]
+    expected = {
+        name: (torch.hypot(norm, by_text[1][name][0]), tokens + by_text[1][name][1])
+        for name, (norm, tokens) in by_text[0].items()
+    }
     session = sessions(model, tokenizer)
-    session.set_calibration_texts([text])
+    session.set_calibration_texts(texts)
     session.apply(0.5, criterion="wanda", **QUIET)
     for name, (norm, tokens) in expected.items():
         assert tokens >= INTERMEDIATE  # enough to calibrate: no fallback
