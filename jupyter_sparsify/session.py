@@ -730,7 +730,7 @@ class Session:
         else:
             scores = magnitude_scores(weight)
             label = "|W|" if criterion == "magnitude" else f"|W| (no cached {criterion} statistics)"
-        return name, label, scores.cpu().numpy(), kept.cpu().numpy()
+        return name, label, scores.float().cpu().numpy(), kept.cpu().numpy()
 
     @_exclusive
     def save(self, path: str | Path, format: str = "dense", overwrite: bool = False):
