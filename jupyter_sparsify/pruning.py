@@ -20,7 +20,7 @@ from .progress import Progress
 SCOPES = ("global", "layer", "row")
 ScoreFn = Callable[[PrunableLayer], torch.Tensor]
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_SAMPLE_SIZE = 1 << 20
+_SAMPLE_SIZE = 1 << 22  # scores sampled to bracket the global threshold: the bracket holds ~0.5 % of them
 
 
 def validate_amount(amount: object) -> float:
