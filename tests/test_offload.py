@@ -105,3 +105,21 @@ def test_bad_placements_are_refused_in_one_line(folder, options, words):
 def test_a_device_map_naming_no_module_of_the_model_is_a_load_error(folder):
     with pytest.raises(ModelLoadError, match="names 'model.no_such_block', which is no module of this model"):
         load_model(folder, device_map={"model.no_such_block": "cpu"})
+
+
+def test_the_panel_prunes_and_resets_an_offloaded_model(folder, tmp_path):
+    from jupyter_sparsify.panel import Panel
+
+    model, tokenizer = load_model(folder, device_map=DEVICE_MAP)
+    panel = Panel(Session(model, tokenizer), export_dir=tmp_path / "out")
+    try:
+        dense = state_checksum(model)
+        panel.amount.value = 0.5
+        assert panel.session.settings.label == "Masked 50%"
+        assert panel.charts.bars.data["setup"] == ["Dense", "Masked 50%"]
+        kept = _offloaded_block(model).weight.count_nonzero() / _offloaded_block(model).weight.numel()
+        assert 0.2 < kept < 0.8  # the block on disk was pruned too (global magnitude: about half of it)
+        panel.reset_button.click()
+        assert state_checksum(model) == dense
+    finally:
+        forget_session(model)
