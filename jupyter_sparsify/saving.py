@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .experts import checkpoint_names, fused_state_dict
+from .experts import active_shares, checkpoint_names, fused_state_dict
 from .formats import CSRLinear
 
 if TYPE_CHECKING:
@@ -56,12 +56,18 @@ class SavedModel:
     compression: str | None  # sparse-bitmask / sparse-24-bitmask for format="compressed"
     compressed_layers: int
     tied_dense: tuple[str, ...]  # pruned layers whose weight is tied to another: stored once, dense
+    fused_dense: tuple[str, ...] = ()  # pruned expert layers the checkpoint stores in one 3-D tensor: dense
 
     def __str__(self) -> str:
         how = f"compressed ({self.compression}, {self.compressed_layers} layers)" if self.compression else "dense"
         if self.format == "compressed" and not self.compression:
             how += " (no pruned layer to compress)"
         tied = f"; tied, kept dense: {', '.join(self.tied_dense)}" if self.tied_dense else ""
+        if self.fused_dense:
+            tied += (
+                f"; {len(self.fused_dense)} expert layers kept dense: the checkpoint stores each layer's experts "
+                "as one 3-D tensor (e.g. GPT-OSS), which the bitmask format cannot express"
+            )
         return f"Saved to {self.path} as {how}: {self.size_on_disk_mb:.2f} MB on disk{tied}"
 
 
@@ -87,12 +93,15 @@ def save_session(
     with _staging(target) as folder:
         model.save_pretrained(folder, state_dict=dense_state_dict(model))
         session.tokenizer.save_pretrained(folder)
-        compression, compressed, tied = None, 0, ()
+        compression, compressed, tied, fused = None, 0, (), ()
         if format == "compressed":
             saved_as = checkpoint_names(model)  # MoE experts are written in the checkpoint layout
-            pruned = [saved_as.get(layer.name, layer.name) for layer in session._pruned]
+            shares = active_shares(model)
+            experts = {layer.name for layer in session._candidates if id(getattr(layer.parent, layer.attr)) in shares}
+            fused = tuple(layer.name for layer in session._pruned if layer.name in experts - saved_as.keys())
+            pruned = [saved_as.get(layer.name, layer.name) for layer in session._pruned if layer.name not in fused]
             compression, compressed, tied = _compress_folder(folder, pruned, session.settings.pattern, model)
-    return SavedModel(target, format, folder_mb(target), compression, compressed, tied)
+    return SavedModel(target, format, folder_mb(target), compression, compressed, tied, fused)
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -862,7 +862,7 @@ def _warn_if_low_coverage(session: Session) -> None:
         warnings.warn(
             f"jupyter_sparsify: this session can prune only {coverage.share:.0%} of the model's matmul weights; the "
             f"rest stays dense whatever you apply, mostly {where}: they are not nn.Linear layers (nor fused experts "
-            "in transformers' standard layout, which the session splits), so amounts and sparsities cover "
+            "in a layout the session knows how to split), so amounts and sparsities cover "
             "the prunable part only",
             stacklevel=3,
         )

@@ -1,5 +1,5 @@
-"""Mixture-of-experts models (tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE from their configs): experts split
-into one nn.Linear per matrix, pruned like any layer, fused back for transformers; coverage; compute ratio."""
+"""Mixture-of-experts models (tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS from their configs): experts
+split into one nn.Linear per matrix, pruned like any layer, fused back for transformers; coverage; compute ratio."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ QUIET = {"progress": lambda *a: None}
 EXPERTS = 4
 HIDDEN = 32
 INTERMEDIATE = 32
+ARCHITECTURES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 CALIBRATION = default_calibration_texts()[:20]  # about 2 300 tokens: ~1 100 per expert, far above 32 inputs
 
 
 def tiny_moe(architecture: str, experts: int = EXPERTS, top_k: int = 2, seed: int = 0) -> torch.nn.Module:
-    """A small random MoE causal LM from its transformers config (fused experts, as transformers 5 builds them)."""
+    """A small random MoE causal LM from its transformers config (fused experts, as transformers 5 builds them).
+    GPT-OSS's experts get random biases (transformers initialises them to zero) and a SwiGLU limit low enough for
+    its clamp to bind on about a tenth of the gate and up outputs, so that both are exercised."""
     common = dict(
         vocab_size=256,
         hidden_size=HIDDEN,
@@ -63,9 +66,22 @@ def tiny_moe(architecture: str, experts: int = EXPERTS, top_k: int = 2, seed: in
             intermediate_size=64, moe_intermediate_size=INTERMEDIATE, num_experts=experts, head_dim=8, **common
         ),
         "olmoe": lambda: OlmoeConfig(intermediate_size=INTERMEDIATE, num_experts=experts, **common),
+        "gpt_oss": lambda: GptOssConfig(
+            intermediate_size=INTERMEDIATE,
+            num_local_experts=experts,
+            head_dim=8,
+            swiglu_limit=0.2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **common,
+        ),
     }
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(configs[architecture]()).eval()
+    model = AutoModelForCausalLM.from_config(configs[architecture]()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_proj_bias"):
+                param.normal_(std=0.05)
+    return model
 
 
 @pytest.fixture
@@ -110,7 +126,7 @@ def routing(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, li
 # -- splitting and fusing -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_experts_are_prunable_layers_and_cover_the_model(architecture, tokenizer, sessions):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -119,20 +135,21 @@ def test_experts_are_prunable_layers_and_cover_the_model(architecture, tokenizer
     names = {layer.name for layer in session.default_layers}
     for part in ("gate_proj", "up_proj", "down_proj"):
         assert {f"model.layers.{b}.mlp.experts.{e}.{part}" for b in (0, 1) for e in range(EXPERTS)} <= names
-    assert not any(name.endswith("gate") for name in names)  # routers are left dense
+    assert not any(name.endswith(("gate", "router")) for name in names)  # routers are left dense
     assert session.coverage() >= 0.95
     session.apply(0.5, scope="layer", **QUIET)
     assert session.measure()["sparsity_prunable"] == 0.5
 
 
-@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
 def test_split_experts_compute_the_fused_function(architecture, implementation, tokenizer, sessions):
-    """The split forward runs the same dot products (gate_up_proj's halves as two matmuls) and the same
-    elementwise ops as any of transformers' implementations: only the order of summation inside the dot products
-    and over the top-k experts differs, the case assert_same_function bounds (Higham & Mary's probabilistic
-    bound per layer, times the depth). It holds while the routing agrees, which is checked: a router near-tie
-    flipping would be another function, not rounding. Fusing back gives transformers' module, bit for bit."""
+    """The split forward runs the same dot products (gate_up_proj's halves as two matmuls, GPT-OSS's biases
+    added by nn.Linear) and the same elementwise ops (the module's own gate) as any of transformers'
+    implementations: only the order of summation inside the dot products and over the top-k experts differs,
+    the case assert_same_function bounds (Higham & Mary's probabilistic bound per layer, times the depth). It
+    holds while the routing agrees, which is checked: a router near-tie flipping would be another function, not
+    rounding. Fusing back gives transformers' module, bit for bit."""
     model = tiny_moe(architecture)
     model.set_experts_implementation(implementation)
     ids = torch.randint(3, 256, (3, 24), generator=torch.Generator().manual_seed(1))
@@ -146,6 +163,25 @@ def test_split_experts_compute_the_fused_function(architecture, implementation, 
     forget_session(session.model)
     assert state_checksum(model) == before
     assert torch.equal(routing(model, ids)[0], fused)
+
+
+def test_gpt_oss_experts_are_split_from_their_transposed_interleaved_layout(tokenizer, sessions):
+    """GPT-OSS stores x @ W + b: gate_up_proj [E, hidden, 2 x intermediate] with the gate and up columns
+    interleaved (even, odd), down_proj [E, intermediate, hidden], and biases for both."""
+    model = tiny_moe("gpt_oss")
+    fused = model.model.layers[0].mlp.experts
+    params = {name: param.detach().clone() for name, param in fused.named_parameters()}
+    sessions(model, tokenizer)
+    assert all(param.numel() == 0 for param in fused.parameters())  # released
+    expert = model.model.layers[0].mlp.experts.expert(2)
+    assert torch.equal(expert.gate_proj.weight, params["gate_up_proj"][2, :, 0::2].T)
+    assert torch.equal(expert.up_proj.weight, params["gate_up_proj"][2, :, 1::2].T)
+    assert torch.equal(expert.down_proj.weight, params["down_proj"][2].T)
+    assert torch.equal(expert.gate_proj.bias, params["gate_up_proj_bias"][2, 0::2])
+    assert torch.equal(expert.up_proj.bias, params["gate_up_proj_bias"][2, 1::2])
+    assert torch.equal(expert.down_proj.bias, params["down_proj_bias"][2])
+    assert all(layer.weight.is_contiguous() for layer in expert.children())
+    assert metrics.storage_bytes(model) == metrics.storage_bytes(tiny_moe("gpt_oss"))
 
 
 def test_splitting_moves_the_weights_without_a_second_copy(tokenizer, sessions):
@@ -175,9 +211,10 @@ def test_a_session_that_fails_to_start_leaves_the_experts_fused(tokenizer):
 # -- pruning ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("architecture", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("scope", ["global", "layer", "row"])
-def test_magnitude_counts_are_exact_per_expert_matrix(scope, tokenizer, sessions):
-    session = sessions(tiny_moe("mixtral"), tokenizer)
+def test_magnitude_counts_are_exact_per_expert_matrix(architecture, scope, tokenizer, sessions):
+    session = sessions(tiny_moe(architecture), tokenizer)
     session.apply(0.3, scope=scope, **QUIET)
     weights = {layer.name: weight_matrix(current(layer)) for layer in session.default_layers}
     if scope == "global":
@@ -191,7 +228,7 @@ def test_magnitude_counts_are_exact_per_expert_matrix(scope, tokenizer, sessions
             assert torch.all((weight == 0).sum(dim=1) == prune_count(weight.shape[1], 0.3)), layer.name
 
 
-@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_every_criterion_then_csr_then_reset_bit_exact(architecture, tokenizer, sessions):
     model = tiny_moe(architecture)
     session = sessions(model, tokenizer)
@@ -316,45 +353,54 @@ def test_compute_counts_the_active_experts_only(tokenizer, sessions):
 
 
 def test_fused_experts_left_dense_lower_the_coverage_and_warn(tokenizer, sessions):
-    config = GptOssConfig(  # its experts are transposed, biased and interleaved: not split
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with pytest.warns(UserWarning, match=r"can prune only \d+% .* GptOssExperts\.gate_up_proj"):
+    model = tiny_moe("mixtral")
+    experts = type(model.model.layers[0].mlp.experts)
+
+    class ScaledGateExperts(experts):  # a gate the session does not know: left fused
+        def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+            return 2 * super()._apply_gate(gate_up)
+
+    for layer in model.model.layers:
+        layer.mlp.experts.__class__ = ScaledGateExperts
+    with pytest.warns(UserWarning, match=r"can prune only \d+% .* ScaledGateExperts\.gate_up_proj"):
         session = sessions(model, tokenizer)
+    assert not any(isinstance(module, UnfusedExperts) for module in model.modules())
     assert session.coverage() < 0.5
 
 
 # -- saving -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.parametrize("mode", ["masked", "csr"])
 def test_saved_moe_reloads_with_the_same_logits(architecture, mode, tokenizer, sessions, tmp_path):
     """Saved in transformers' own layout (Mixtral's checkpoint names differ from the module names), dense or
     compressed, reloaded by load_model: a session on it sees the same sparsity and computes bit for bit what the
-    saved model did in masked mode (the same weights and kernels)."""
+    saved model did in masked mode (the same weights and kernels). GPT-OSS's checkpoint keeps its experts fused
+    (3-D, transposed, interleaved): no 2-D expert weight there to compress, so it is saved dense only."""
     session = sessions(tiny_moe(architecture), tokenizer)
     session.apply(0.5, scope="layer", **QUIET)
     masked = corpus_logits(session)
     session.apply(0.5, mode=mode, scope="layer", backend="torch" if mode == "csr" else None, **QUIET)
-    for format in ("dense", "compressed"):
+    for format in ("dense",) if architecture == "gpt_oss" else ("dense", "compressed"):
         saved = session.save(tmp_path / format, format=format)
         assert saved.compressed_layers == (len(session.default_layers) if format == "compressed" else 0)
         model, _ = load_model(tmp_path / format)
         reloaded = sessions(model, tokenizer)
         assert reloaded.measure()["sparsity_prunable"] == 0.5
         assert torch.equal(corpus_logits(reloaded), masked), format
+
+
+def test_a_compressed_save_of_gpt_oss_says_its_experts_stay_dense(tokenizer, sessions, tmp_path):
+    """GPT-OSS's checkpoint stores each layer's experts as one 3-D tensor: the compressed save compresses the
+    attention layers, keeps the experts dense, says so, and reloads with the same logits."""
+    session = sessions(tiny_moe("gpt_oss"), tokenizer)
+    session.apply(0.5, scope="layer", **QUIET)
+    masked = corpus_logits(session)
+    saved = session.save(tmp_path / "compressed", format="compressed")
+    experts = [layer.name for layer in expert_layers(session)]
+    assert saved.fused_dense == tuple(experts) and not saved.tied_dense
+    assert saved.compressed_layers == len(session.default_layers) - len(experts) > 0
+    assert f"{len(experts)} expert layers kept dense" in str(saved)
+    model, _ = load_model(tmp_path / "compressed")
+    assert torch.equal(corpus_logits(sessions(model, tokenizer)), masked)
