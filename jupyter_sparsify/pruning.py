@@ -15,6 +15,7 @@ import torch
 
 from .layers import PrunableLayer, weight_matrix
 from .masks import layer_keep_mask, mark_ties, nm_keep_mask, prune_count, row_keep_mask
+from .memory import release_freed_memory
 from .progress import Progress
 
 SCOPES = ("global", "layer", "row")
@@ -117,6 +118,8 @@ def _apply_global(layers, score_of: ScoreFn, amount: float, progress: Progress |
                 prune = scores < threshold
                 mark_ties(scores.reshape(-1), threshold, take, prune.view(-1))
                 weight.masked_fill_(prune, 0)
+        del scores
+        release_freed_memory()  # glibc keeps freed layer-sized buffers in its heaps otherwise (a 7B model's peak)
         _report(progress, index + 1, len(layers), layer.name)
 
 
@@ -135,6 +138,8 @@ def _global_cutoff(layers, score_of: ScoreFn, k: int, total: int) -> tuple[torch
             scores = score_of(layer).reshape(-1)
             below += int(torch.count_nonzero(scores < low))  # 4x a bool sum
             inside.append(scores[(scores >= low) & (scores <= high)])
+            del scores
+            release_freed_memory()
         candidates = torch.cat(inside)
         if below < k <= below + candidates.numel():
             threshold = candidates.kthvalue(k - below).values
