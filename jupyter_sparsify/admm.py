@@ -14,8 +14,14 @@ a unit diagonal (``H' = D^-1/2 H D^-1/2``, ``W' = W D^1/2``, ``D = diag H``), th
   with a fixed ``ρ`` so that one inverse, computed once per layer, serves every iteration (one
   ``[out, in] x [in, in]`` product each).
 
+(The loop carries ``V = W + U`` from one iteration to the next: ``Z = mask(V)``, ``U = V − Z``, so
+``Z − U = V − 2U``; the same iteration with fewer passes over the weights.)
+
 Unlike SparseGPT's single sweep, a weight pruned early can come back. Once the mask is final the
-kept weights are refitted exactly as in :func:`~jupyter_sparsify.sparsegpt.refit_kept_weights`.
+kept weights are refitted exactly as in :func:`~jupyter_sparsify.sparsegpt.refit_kept_weights`, with
+the same default steps (on the embedded model at 50 %, calibrated on two thirds of the shipped
+documents, top-1 agreement with the dense model on the other third: 0.599, as with the 10 plain CG steps
+used before).
 The scaling, the fixed ``ρ`` and the cubic ramp follow the paper's reference code; ours are
 ``ρ = 0.5`` (the paper: 1), 20 iterations with the mask free to change in all of them (the paper
 fixes it after its ramp: on the embedded model's layers that costs up to 15 % more error at 2:4),
@@ -28,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .masks import check_nm, layer_keep_mask, nm_keep_mask, prune_count, row_keep_mask
-from .sparsegpt import dampened_hessian, refit_kept_weights
+from .sparsegpt import REFIT_STEPS, dampened_hessian, refit_kept_weights
 
 RAMP = 0.5  # share of the iterations over which the pruned fraction rises to the target
 RHO = 0.5  # the penalty, relative to the unit diagonal of the scaled Hessian
@@ -43,7 +49,7 @@ def admm_prune(
     scope: str = "row",
     iterations: int = 20,
     percdamp: float = 0.01,
-    refit_steps: int = 10,
+    refit_steps: int = REFIT_STEPS,
 ) -> Tensor:
     """Return a pruned copy of ``weight`` ``[out, in]`` with the kept weights refitted.
 
@@ -56,7 +62,7 @@ def admm_prune(
             ``"layer"``: the layer loses exactly ``prune_count(out * in, sparsity)``.
         iterations: ADMM iterations (each one ``[out, in] x [in, in]`` product).
         percdamp: dampening ``percdamp * mean(diag H)`` added to the diagonal.
-        refit_steps: conjugate-gradient steps of the final refit (0: ADMM's sparse iterate).
+        refit_steps: preconditioned conjugate-gradient steps of the final refit (0: ADMM's sparse iterate).
 
     Returns:
         A new tensor, same shape, dtype and device as ``weight``.
@@ -75,23 +81,27 @@ def admm_prune(
         return weight.clone()
     damped, _, dead = dampened_hessian(hessian.to(weight.device), percdamp)
     scale = damped.diagonal().sqrt()  # inputs scaled to a unit diagonal: |w'| = |w| sqrt(H_jj) is Wanda's score
-    unit = damped / scale[:, None] / scale[None, :]
+    unit = (damped / scale[:, None] / scale[None, :]).float()
+    # (H' + rho I)^-1, the one inverse every iteration reuses; float32 is plenty: H' has a unit diagonal, so its
+    # eigenvalues lie in [0, in] and the condition number of H' + rho I is at most 1 + in / rho
     identity = torch.eye(columns, dtype=unit.dtype, device=unit.device)
-    inverse = torch.linalg.inv(unit + RHO * identity).float()  # the one factorisation every iteration reuses
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(unit + RHO * identity))
     original = weight.detach().float() * scale.float()
-    target = original @ unit.float()
-    alive = (~dead).float()  # dead inputs score 0: pruned first
+    target = original @ unit
     ramp = max(1, round(iterations * RAMP))
-    fitted, sparse, dual = original, original, torch.zeros_like(original)
+    alive = (~dead).float() if bool(dead.any()) else None  # dead inputs score 0: pruned first
+    moved = original  # V = W + U, the fit plus the scaled dual
     for step in range(1, iterations + 1):
-        moved = fitted.add(dual)
         share = 1.0 - (1.0 - min(1.0, step / ramp)) ** 3
-        keep = _keep_mask(moved.abs().mul_(alive), sparsity * share, nm if share == 1.0 else None, scope)
-        sparse = moved.mul_(keep)
-        dual.add_(fitted).sub_(sparse)
-        if step < iterations:
-            fitted = torch.sub(sparse, dual).mul_(RHO).add_(target) @ inverse  # (W0 H + rho (Z - U)) (H + rho I)^-1
-    sparse = sparse.div_(scale.float())
+        scores = moved.abs() if alive is None else moved.abs().mul_(alive)
+        # non-negative float32 values order as their int32 bit patterns do, and selecting among int32 is faster
+        keep = _keep_mask(scores.view(torch.int32), sparsity * share, nm if share == 1.0 else None, scope)
+        if step == iterations:
+            break
+        dual = moved * ~keep  # Z = V keep, U = V - Z (a product: masked_fill is slower on CPU)
+        # W = (W0 H' + rho (Z - U)) (H' + rho I)^-1, with Z - U = V - 2U; the next V = W + U
+        moved = (torch.add(target, moved, alpha=RHO).add_(dual, alpha=-2 * RHO) @ inverse).add_(dual)
+    sparse = moved.mul_(keep).div_(scale.float())
     if refit_steps:
         sparse = refit_kept_weights(weight, sparse, damped, refit_steps)
     return sparse.to(weight.dtype)

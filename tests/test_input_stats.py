@@ -1,22 +1,27 @@
-"""What calibration measures of a layer's inputs: padding never counts."""
+"""What calibration measures of a layer's inputs: padding never counts; the Hessian is exact up to rounding."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from jupyter_sparsify.input_stats import HessianAccumulator
+from jupyter_sparsify.input_stats import HESSIAN_BLOCK, HessianAccumulator
 
 from helpers import UNIT_ROUNDOFF, linear_error_bound
 
 
-def test_hessian_accumulator_skips_padding():
+@pytest.mark.parametrize("width", [5, 2 * HESSIAN_BLOCK + 37])  # one block; several, the last one partial
+def test_hessian_accumulator_skips_padding(width):
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 5)
+    x = torch.randn(2, 6, width)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    accumulator = HessianAccumulator(5)
+    accumulator = HessianAccumulator(width)
     accumulator.add_batch(x, mask)
-    real = torch.cat([x[0, :4], x[1]])
-    exact = real.T.double() @ real.double() / 10
-    # any fp32 order of the 10-term sums (linear_error_bound holds two of them), then one rounding of the division
-    bound = linear_error_bound(real.T, real.T) / 10 + UNIT_ROUNDOFF[torch.float32] * exact.abs()
-    assert bool(((accumulator.result().double() - exact).abs() <= bound).all())
+    accumulator.add_batch(x[1:], None)  # a second batch, no mask: every position counts
+    real = torch.cat([x[0, :4], x[1], x[1]])
+    exact = real.T.double() @ real.double() / 16
+    result = accumulator.result()
+    assert torch.equal(result, result.T)  # the lower triangle, mirrored
+    # any fp32 order of the 16-term sums (linear_error_bound holds two of them), then one rounding of the division
+    bound = linear_error_bound(real.T, real.T) / 16 + UNIT_ROUNDOFF[torch.float32] * exact.abs()
+    assert bool(((result.double() - exact).abs() <= bound).all())

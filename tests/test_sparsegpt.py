@@ -10,7 +10,7 @@ from jupyter_sparsify.masks import layer_keep_mask, nm_keep_mask, prune_count, r
 from jupyter_sparsify.scores import magnitude_scores, wanda_scores
 from jupyter_sparsify.sparsegpt import sparsegpt_prune
 
-from helpers import UNIT_ROUNDOFF, correlated_layer, reconstruction_error
+from helpers import UNIT_ROUNDOFF, correlated_layer, gamma, reconstruction_error
 
 
 def test_sparsegpt_beats_magnitude_and_wanda_at_half_sparsity():
@@ -80,11 +80,49 @@ def test_sparsegpt_refit_keeps_the_mask_and_reaches_the_least_squares_optimum(nm
         exact = w[kept] + torch.linalg.solve(system, damped[kept][:, ~kept] @ w[~kept])
         # In exact arithmetic CG ends at the solution within n = |S| steps (here 64 < 300). In fp32 it reaches
         # the attainable accuracy instead: a relative error of about kappa(H_SS) n u (Greenbaum, Iterative
-        # Methods for Solving Linear Systems, 1997, ch. 7). 10 steps are far from it: the bound notices.
+        # Methods for Solving Linear Systems, 1997, ch. 7). The default's few steps are far from it: the bound notices.
         eigenvalues = torch.linalg.eigvalsh(system)
         bound = float(eigenvalues[-1] / eigenvalues[0]) * len(exact) * UNIT_ROUNDOFF[torch.float32]
         assert float((converged[row, kept] - exact).norm() / exact.norm()) <= bound
         assert float((refit[row, kept].double() - exact).norm() / exact.norm()) > bound
+
+
+@pytest.mark.parametrize(
+    ("nm", "scope", "blocksize"), [(None, "row", 32), (None, "layer", 48), ((2, 4), "row", 128), ((4, 8), "row", 40)]
+)
+def test_sparsegpt_sweep_is_the_papers_obs_sweep_within_rounding(nm, scope, blocksize):
+    """The paper's sweep visits the columns in order, zeroes each pruned one and moves its scaled error
+    e_i = w_i / U_ii onto the later columns through row i of U (the upper Cholesky factor of H^-1). Given the
+    final mask S of a row, that is one triangular system, e_S U_SS = w0_S, and the result is w0 - e U: solved
+    here in float64 and compared with the fp32 result, however it was computed (sub-blocks, lazy products)."""
+    weight, _, hessian = correlated_layer(8)
+    pruned = sparsegpt_prune(weight, hessian, 0.5, nm=nm, scope=scope, blocksize=blocksize, refit_steps=0)
+    damped = hessian.double() + 0.01 * hessian.diagonal().double().mean() * torch.eye(128, dtype=torch.float64)
+    factor = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)  # U, U^T U = H^-1
+    u, n = UNIT_ROUNDOFF[torch.float32], 128
+    eigenvalues = torch.linalg.eigvalsh(damped)
+    # The fp32 U used by the sweep is within 2u|U| of this one: one rounding, plus the float64 computation's own
+    # error, about n kappa(H) u_64 relative, which is below u here
+    assert n * float(eigenvalues[-1] / eigenvalues[0]) * 2.0**-53 < u
+    # Each e_i is the fp32 result of one sum of at most n + 1 terms divided by U_ii, so the computed e solves
+    # e (U_SS + dU) = w0_S with |dU| <= c |U_SS| (Higham, ch. 8: substitution is backward stable); c covers the sum,
+    # the division, the rounding of the scale p_i / U_ii, and U's 2u.
+    c = gamma(n + 4) + 2 * u
+    for row in range(0, 64, 7):
+        pruned_columns = pruned[row] == 0
+        system = factor[pruned_columns][:, pruned_columns]
+        w0 = weight[row].double()
+        errors = torch.zeros(n, dtype=torch.float64)
+        errors[pruned_columns] = torch.linalg.solve_triangular(system.T, w0[pruned_columns, None], upper=False)[:, 0]
+        expected = w0 - errors @ factor
+        # |e_hat - e| <= c |e_hat| |U_SS| |U_SS^-1|, then w = w0 - e U is one more dot product of at most n + 1 terms
+        inverse = torch.linalg.inv(system)
+        errors_bound = torch.zeros(n, dtype=torch.float64)
+        errors_bound[pruned_columns] = c * (errors[pruned_columns].abs() @ system.abs() @ inverse.abs())
+        magnitude = (errors.abs() + errors_bound) @ factor.abs()
+        bound = errors_bound @ factor.abs() + 2 * u * magnitude + gamma(n + 1) * (w0.abs() + magnitude)
+        kept = ~pruned_columns
+        assert bool(((pruned[row].double() - expected).abs()[kept] <= bound[kept]).all())
 
 
 def test_sparsegpt_rejects_an_unknown_scope():
