@@ -36,7 +36,7 @@ import pandas as pd
 
 from jupyter_sparsify import calibration as calibrating
 from jupyter_sparsify import criteria
-from jupyter_sparsify.corpus import default_calibration_texts
+from jupyter_sparsify.corpus import calibration_documents
 from jupyter_sparsify.models import load_model
 from jupyter_sparsify.progress import silent
 from jupyter_sparsify.session import Session
@@ -86,7 +86,7 @@ def main() -> None:
     model, tokenizer = load_model()
     session = Session(model, tokenizer)
     if args.held_out:
-        documents = default_calibration_texts()
+        documents = calibration_documents()
         session.set_calibration_texts([text for index, text in enumerate(documents) if index % 3])
         session.set_texts(documents[::3])
     session.set_calibration_texts(session.calibration_texts[:: args.calibration_every])

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from jupyter_sparsify.corpus import SEED_TEXTS, default_calibration_texts
+from jupyter_sparsify.corpus import SEED_TEXTS, calibration_documents
 from jupyter_sparsify.memory import release_freed_memory
 from jupyter_sparsify.metrics import storage_bytes
 from jupyter_sparsify.models import cache_dir, load_model
@@ -154,7 +154,7 @@ def run_7b() -> None:
     weights = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
     print(f"model: {weights / GIB:.2f} GiB of bf16 weights; torch threads {torch.get_num_threads()}", flush=True)
     model, tokenizer = step("load_model", lambda: load_model(folder, dtype="bfloat16"), weights)
-    texts, calibration = SEED_TEXTS[:4], default_calibration_texts()[:4]
+    texts, calibration = SEED_TEXTS[:4], calibration_documents()[:4]
     session = step("Session (dense reference on 4 texts)", lambda: Session(model, tokenizer, texts=texts), weights)
     print(f"undo: {session.undo_bytes.ram / GIB:.2f} GiB in RAM, {session.undo_bytes.disk / GIB:.2f} GiB from files")
     session.set_calibration_texts(calibration)

@@ -192,12 +192,13 @@ class Session:
 
     @property
     def calibration_texts(self) -> list[str]:
-        """Texts the data-aware criteria (Wanda, SparseGPT) calibrate on; see ``set_calibration_texts``."""
+        """Texts the data-aware criteria (Wanda, SparseGPT, ADMM) calibrate on: ``set_calibration_texts``'s, or
+        :func:`~jupyter_sparsify.corpus.default_calibration_texts`."""
         return getattr(self, "_calibration_texts", None) or default_calibration_texts()
 
     @_exclusive
     def set_calibration_texts(self, texts: Sequence[str]) -> None:
-        """Calibrate Wanda / SparseGPT on ``texts`` instead of the shipped corpus."""
+        """Calibrate Wanda / SparseGPT / ADMM on ``texts`` instead of the default (half of the shipped documents)."""
         self._calibration_texts = validate_texts(texts)
         self._calibration = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jupyter_sparsify.corpus import SEED_TEXTS, default_calibration_texts, padded_batches
+from jupyter_sparsify.corpus import SEED_TEXTS, calibration_documents, default_calibration_texts, padded_batches
 
 
 def test_every_text_once_right_padded_and_no_batch_too_large(tokenizer):
@@ -40,8 +40,9 @@ def test_empty_texts_are_dropped_and_max_batch_checked(tokenizer):
 
 
 def test_default_calibration_texts_are_shipped():
-    texts = default_calibration_texts()
-    assert len(texts) > 100
+    texts = calibration_documents()
+    assert len(texts) > 200
+    assert default_calibration_texts() == texts[::2]
     joined = " ".join(texts).lower()
     assert sum(len(text.split()) for text in texts) > 15000
     for evaluation_topic in ("perplexity", "http 429", "thermal throttling", "sparsity"):

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from jupyter_sparsify import metrics
-from jupyter_sparsify.corpus import SEED_TEXTS, default_calibration_texts
+from jupyter_sparsify.corpus import SEED_TEXTS, calibration_documents
 from jupyter_sparsify.experts import UnfusedExperts, too_few_tokens
 from jupyter_sparsify.formats import CSRLinear
 from jupyter_sparsify.layers import weight_matrix
@@ -34,7 +34,7 @@ EXPERTS = 4
 HIDDEN = 32
 INTERMEDIATE = 32
 ARCHITECTURES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
-CALIBRATION = default_calibration_texts()[:20]  # about 2 300 tokens: ~1 100 per expert, far above 32 inputs
+CALIBRATION = calibration_documents()[:20]  # about 2 300 tokens: ~1 100 per expert, far above 32 inputs
 
 
 def tiny_moe(architecture: str, experts: int = EXPERTS, top_k: int = 2, seed: int = 0) -> torch.nn.Module:
