@@ -27,7 +27,8 @@ The scaling, the fixed ``ρ`` and the cubic ramp follow the paper's reference co
 (the paper fixes it after its ramp: on the embedded model's layers that costs up to 15 % more error at
 2:4), and the refit. Ten iterations, not more: on the held-out protocol above, 8 / 12 / 20 iterations gave
 top-1 0.600 / 0.603 / 0.600 and perplexity 39.5 / 39.3 / 39.1 at 50 %, 0.445 / 0.443 / 0.443 at 2:4, the
-apply's time growing with them (19 / 25 / 36 s on the embedded model). How it compares with SparseGPT on the embedded model: ``docs/benchmarks.md``.
+apply's time growing with them (19 / 25 / 36 s on the embedded model). How it compares with SparseGPT on
+the embedded model: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

@@ -139,14 +139,7 @@ def prune_with_criterion(
     """Prune ``layers`` of the (dense) model in place as ``settings`` says."""
     modules = [(layer.name, layer.module) for layer in layers]
     if settings.criterion == "magnitude":
-        prune_in_place(
-            layers,
-            lambda layer: magnitude_scores(weight_matrix(layer.module)),
-            amount=settings.amount,
-            scope=settings.scope,
-            pattern=settings.pattern,
-            progress=report,
-        )
+        _prune_by_magnitude(layers, settings, report)
     elif settings.criterion == "wanda" and (
         settings.calibration == "once" or not _block_by_block(settings.criterion, settings.scope, settings.pattern)
     ):
@@ -183,6 +176,20 @@ def prune_with_criterion(
         _warn_starved(starved, settings.criterion)
 
 
+def _prune_by_magnitude(
+    layers: Sequence[PrunableLayer], settings: PruneSettings, report: Progress | None = None
+) -> None:
+    """Prune ``layers`` by weight magnitude with the amount, scope and pattern of ``settings``."""
+    prune_in_place(
+        layers,
+        lambda layer: magnitude_scores(weight_matrix(layer.module)),
+        amount=settings.amount,
+        scope=settings.scope,
+        pattern=settings.pattern,
+        progress=report,
+    )
+
+
 @contextmanager
 def _routed_tokens(calibrator: Calibrator, layers: Sequence[PrunableLayer]) -> Iterator[dict[str, int]]:
     """Around the calibrator's once-pass: yields ``{expert layer name: calibration tokens routed to it}``, filled
@@ -210,13 +217,7 @@ def _prune_starved_by_magnitude(
     the others one of the criterion, so the total count may differ from a single threshold's by one weight.)"""
     hungry = [layer for layer in layers if layer.name in routed and too_few_tokens(layer, routed[layer.name])]
     if hungry:
-        prune_in_place(
-            hungry,
-            lambda layer: magnitude_scores(weight_matrix(layer.module)),
-            amount=settings.amount,
-            scope=settings.scope,
-            pattern=settings.pattern,
-        )
+        _prune_by_magnitude(hungry, settings)
     names = [layer.name for layer in hungry]
     if starved is not None:
         starved.extend(names)
