@@ -215,7 +215,7 @@ def _prune_starved_by_magnitude(
     to (:func:`~jupyter_sparsify.experts.too_few_tokens`); return the other layers. Their names are added to
     ``starved``, or with ``warn`` said in one warning. (With the global scope they share one magnitude threshold,
     the others one of the criterion, so the total count may differ from a single threshold's by one weight.)"""
-    hungry = [layer for layer in layers if layer.name in routed and too_few_tokens(layer, routed[layer.name])]
+    hungry = [layer for layer in layers if _starved(layer, routed)]
     if hungry:
         _prune_by_magnitude(hungry, settings)
     names = [layer.name for layer in hungry]
@@ -224,6 +224,16 @@ def _prune_starved_by_magnitude(
     if warn:
         _warn_starved(names, settings.criterion)
     return [layer for layer in layers if layer not in hungry]
+
+
+def pruned_by_magnitude(calibrator: Calibrator, layer: PrunableLayer) -> bool:
+    """Whether the calibrate-once statistics of ``calibrator`` had too few tokens routed to this expert layer, so that
+    the data-aware criteria prune it by magnitude (False for a layer that is not an expert, or not yet calibrated)."""
+    return _starved(layer, _ROUTED.get(calibrator, {}))
+
+
+def _starved(layer: PrunableLayer, routed: dict[str, int]) -> bool:
+    return layer.name in routed and too_few_tokens(layer, routed[layer.name])
 
 
 def _warn_starved(names: list[str], criterion: str, shown: int = 6) -> None:

@@ -31,6 +31,7 @@ from .criteria import (
     PruneSettings,
     default_scope,
     prune_with_criterion,
+    pruned_by_magnitude,
     validate_calibration,
     validate_criterion,
 )
@@ -705,7 +706,8 @@ class Session:
 
         Magnitude: ``|W|``. Wanda: ``|W|·‖X‖`` with the input norms an earlier apply cached (``calibration="once"``).
         SparseGPT / ADMM: ``|W|·‖X‖/√N`` from the diagonal of the cached Hessian, a Wanda-like view: they choose by
-        their own saliency while updating the kept weights. Without cached statistics: ``|W|``, and the label says so.
+        their own saliency while updating the kept weights. Without cached statistics, or for an MoE expert that too few
+        calibration tokens reached (pruned by magnitude): ``|W|``, and the label says so.
 
         Args:
             layer: a prunable layer's name (default: the first pruned one, else the first prunable one).
@@ -723,7 +725,10 @@ class Session:
         criterion = self.settings.criterion if self.settings.mode != "dense" else "magnitude"
         calibrator = self._calibration  # statistics of calibration="once" if an apply collected them; none computed
         norm, hessian = (calibrator.cached(want, name) if calibrator else None for want in ("norms", "hessians"))
-        if criterion == "wanda" and norm is not None:
+        if criterion != "magnitude" and calibrator and pruned_by_magnitude(calibrator, item):
+            scores = magnitude_scores(weight)
+            label = f"|W| (too few calibration tokens were routed to this expert for {criterion}: pruned by magnitude)"
+        elif criterion == "wanda" and norm is not None:
             scores, label = wanda_scores(weight, norm), "|W|·‖X‖ (Wanda, ‖X‖ on the dense model)"
         elif criterion in ("sparsegpt", "admm") and hessian is not None:
             scores = wanda_scores(weight, hessian.diagonal().float().sqrt())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -320,6 +321,11 @@ def test_an_expert_with_too_few_tokens_is_pruned_by_magnitude_and_named(criterio
             kept = magnitude_scores(weight) > cut  # the row's smallest magnitudes pruned, as magnitude's row scope does
             assert torch.equal(now != 0, kept), name
             assert torch.equal(now[kept], weight[kept]), name  # kept weights not updated: magnitude only
+    if calibration == "once":  # the mask view shows the scores the expert was really pruned by
+        expert = next(iter(dense))
+        _, label, scores, _ = session.layer_scores(expert)
+        assert "pruned by magnitude" in label
+        assert np.array_equal(scores, magnitude_scores(dense[expert]).float().numpy())
 
 
 def test_too_few_tokens_means_fewer_than_the_inputs(tokenizer, sessions):
