@@ -118,6 +118,7 @@ def _wait_table_rows(page: Page, table: Locator, setup: str, count: int, timeout
 
 def _screenshot_panel(page: Page, panel: Locator, paths: list[Path]) -> None:
     """Screenshot the panel's output area; grow the viewport so the whole panel fits."""
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # no focus ring in the picture
     panel.scroll_into_view_if_needed()
     box = panel.bounding_box()
     if box is not None and box["height"] + 200 > VIEWPORT["height"]:
