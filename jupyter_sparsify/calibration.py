@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .corpus import Batch, padded_batches
 from .experts import routed_positions
-from .input_stats import HessianAccumulator, InputNormAccumulator
+from .input_stats import HessianAccumulator, HessianAndNormAccumulator, InputNormAccumulator
 from .models import context_limit, model_device, model_dtype
 from .progress import Progress
 from .reconstruction import block_output, reconstruct_block
@@ -54,6 +54,7 @@ def collect_input_stats(
     batch_size: int = 8,
     group_size: int | None = None,
     progress: Progress | None = None,
+    norms: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Input statistics of ``modules`` on ``texts``, all from the dense model.
 
@@ -69,22 +70,30 @@ def collect_input_stats(
             one pass). Memory ≈ ``group_size * in² * 4`` bytes; passes = ``ceil(len/group_size)``,
             each stopping as soon as its last module has run.
         progress: called as ``progress(done, total, message)`` after each batch.
+        norms: with ``"hessians"``, a dict to fill with the same modules' input norms from the same pass (what a
+            ``"norms"`` pass would give, bit for bit).
 
     Returns:
         ``{name: statistic}`` on each module's device.
     """
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be at least 1 (or None for one pass); got {group_size}")
+    if norms is not None and want != "hessians":
+        raise ValueError(f"norms= collects the input norms beside the Hessians: it needs want='hessians', not {want!r}")
     batches = _batches(tokenizer, texts, context_limit(model, max_length), batch_size, model_device(model))
     size = max(1, len(modules) if want == "norms" or group_size is None else group_size)
     groups = [modules[i : i + size] for i in range(0, len(modules), size)]
     stats: dict[str, Tensor] = {}
     for number, group in enumerate(groups):
-        accumulators = _accumulators(group, want)
+        accumulators = _accumulators(group, want, with_norms=norms is not None)
         tick = _progress_step(progress, number * len(batches), len(groups) * len(batches), number, len(groups))
         same_input = _run_model(model, batches, group, accumulators, tick)
-        results = {name: accumulators[name].result() for name in accumulators if name not in same_input}
-        stats.update({name: results[same_input.get(name, name)] for name in accumulators})  # one tensor when shared
+        owners = {name: same_input.get(name, name) for name in accumulators}  # one tensor when the input is shared
+        results = {name: accumulators[name].result() for name in set(owners.values())}
+        stats.update({name: results[owner] for name, owner in owners.items()})
+        if norms is not None:
+            found = {name: accumulators[name].norms.result() for name in set(owners.values())}
+            norms.update({name: found[owner] for name, owner in owners.items()})
     return stats
 
 
@@ -172,11 +181,14 @@ def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int, devi
 
 
 def _accumulators(
-    group: list[tuple[str, nn.Module]], want: Stat
-) -> dict[str, InputNormAccumulator | HessianAccumulator]:
+    group: list[tuple[str, nn.Module]], want: Stat, with_norms: bool = False
+) -> dict[str, InputNormAccumulator | HessianAccumulator | HessianAndNormAccumulator]:
     if want not in ("norms", "hessians"):
         raise ValueError(f"want must be 'norms' or 'hessians'; got {want!r}")
-    kind = InputNormAccumulator if want == "norms" else HessianAccumulator
+    if want == "norms":
+        kind = InputNormAccumulator
+    else:
+        kind = HessianAndNormAccumulator if with_norms else HessianAccumulator
     return {name: kind(in_features(module), device=module.weight.device) for name, module in group}
 
 
@@ -351,7 +363,14 @@ class Calibrator:
             what = "input norms" if want == "norms" else "Hessians"
             note = f"calibrating once: {what} on {len(self.texts)} texts, kept for every later apply"
             tell = (lambda done, total, _: progress(done, total, note)) if progress is not None else None
-            cache.update(collect_input_stats(self.model, self.tokenizer, self.texts, missing, want=want, progress=tell))
+            norms: dict[str, Tensor] | None = {} if want == "hessians" else None
+            cache.update(
+                collect_input_stats(
+                    self.model, self.tokenizer, self.texts, missing, want=want, progress=tell, norms=norms
+                )
+            )
+            for name, norm in (norms or {}).items():  # Wanda needs no pass of its own after this one
+                self._cache["norms"].setdefault(name, norm)
         return {name: cache[name] for name, _ in modules}
 
     def sequential(

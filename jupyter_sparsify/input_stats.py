@@ -68,3 +68,21 @@ class HessianAccumulator:
         """The mean outer product ``(1/N) Σ x xᵀ``, exactly symmetric (all zeros when no token was seen)."""
         lower = self.sum_xxt.tril()
         return lower.add_(lower.tril(-1).T).div_(max(self.tokens, 1))
+
+
+class HessianAndNormAccumulator:
+    """A :class:`HessianAccumulator` and an :class:`InputNormAccumulator` fed the same batches: one calibration pass
+    gives SparseGPT's Hessian and Wanda's norms, the latter bit for bit what a pass for the norms alone gives."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.hessian = HessianAccumulator(in_features, device=device)
+        self.norms = InputNormAccumulator(in_features, device=device)
+
+    def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Add inputs ``[..., in]`` to both; positions where ``mask`` is false (padding) are skipped."""
+        self.hessian.add_batch(x, mask)
+        self.norms.add_batch(x, mask)
+
+    def result(self) -> Tensor:
+        """The Hessian (see :meth:`HessianAccumulator.result`); the norms are ``self.norms.result()``."""
+        return self.hessian.result()

@@ -105,6 +105,8 @@ def test_calibration_argument_edge_cases():
         collect_input_stats(model, tokenizer, TEXTS, _prunable(model), want="hessians", group_size=0)
     with pytest.raises(ValueError, match="want"):
         collect_input_stats(model, tokenizer, TEXTS, _prunable(model), want="grads")
+    with pytest.raises(ValueError, match="needs want='hessians'"):
+        collect_input_stats(model, tokenizer, TEXTS, _prunable(model), want="norms", norms={})
     with pytest.raises(ValueError, match="empty"):
         collect_input_stats(model, tokenizer, ["", ""], _prunable(model))
 

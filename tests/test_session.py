@@ -89,6 +89,16 @@ def test_calibrate_once_collects_once_and_equals_a_fresh_collection(tokenizer):
         assert torch.equal(hessian, cached[name])
     q, k = (f"model.layers.0.self_attn.{p}_proj" for p in "qk")
     assert cached[q] is cached[k]  # modules fed the same input share one Hessian
+    said.clear()
+    session.apply(0.5, criterion="wanda", progress=lambda done, total, message: said.append(message))
+    assert said and not any("calibrating" in message for message in said)  # the Hessians' pass gave Wanda's norms
+    modules = [(layer.name, layer.module) for layer in session.default_layers]
+    norms = session._calibrator().norms(modules)
+    session.reset()
+    fresh_norms = collect_input_stats(session.model, session.tokenizer, session.calibration_texts, modules)
+    assert fresh_norms.keys() == norms.keys()
+    for name, norm in fresh_norms.items():
+        assert torch.equal(norm, norms[name])  # what a pass for the norms alone gives, bit for bit
 
 
 def test_calibration_is_dropped_when_the_texts_or_the_dtype_change(tokenizer):
