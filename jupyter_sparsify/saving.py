@@ -97,9 +97,13 @@ def save_session(
         if format == "compressed":
             saved_as = checkpoint_names(model)  # MoE experts are written in the checkpoint layout
             shares = active_shares(model)
-            experts = {layer.name for layer in session._candidates if id(getattr(layer.parent, layer.attr)) in shares}
-            fused = tuple(layer.name for layer in session._pruned if layer.name in experts - saved_as.keys())
-            pruned = [saved_as.get(layer.name, layer.name) for layer in session._pruned if layer.name not in fused]
+            experts = {
+                layer.name for layer in session.candidate_layers if id(getattr(layer.parent, layer.attr)) in shares
+            }
+            fused = tuple(layer.name for layer in session.pruned_layers if layer.name in experts - saved_as.keys())
+            pruned = [
+                saved_as.get(layer.name, layer.name) for layer in session.pruned_layers if layer.name not in fused
+            ]
             compression, compressed, tied = _compress_folder(folder, pruned, session.settings.pattern, model)
     return SavedModel(target, format, folder_mb(target), compression, compressed, tied, fused)
 
@@ -146,7 +150,7 @@ def _check_settled(session: Session) -> None:
     """Refuse weights the session did not set: an apply still running (a save from its progress callback or
     another thread) or an edit from outside."""
     try:
-        session._check_unchanged_outside()
+        session.check_unchanged_outside()
     except ValueError:
         raise ValueError(
             "the model's weights are not the ones the session last set (an apply is still running, or they were "

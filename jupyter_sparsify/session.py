@@ -270,7 +270,7 @@ class Session:
             calibration=calibration,
         )
         _check_no_torch_prune(self.model)
-        self._check_unchanged_outside()
+        self.check_unchanged_outside()
         layers = self._layers_for(settings)
         try:
             with self.undoable():
@@ -290,7 +290,7 @@ class Session:
                 apply / reset (otherwise that is refused, so that such a change is never lost unnoticed).
         """
         if not discard_changes:
-            self._check_unchanged_outside()
+            self.check_unchanged_outside()
         try:
             self._restore_dense()
         finally:
@@ -301,8 +301,19 @@ class Session:
         """An exact checksum of every prunable weight as the session leaves it (to notice edits from outside)."""
         self._fingerprints = {layer.name: _fingerprint(getattr(layer.parent, layer.attr)) for layer in self._candidates}
 
-    def _check_unchanged_outside(self) -> None:
-        """Refuse to overwrite (apply, reset) or mislabel (measure) weights that changed since the session set them."""
+    @property
+    def pruned_layers(self) -> tuple[PrunableLayer, ...]:
+        """The layers the current variant pruned (none while dense)."""
+        return tuple(self._pruned)
+
+    @property
+    def candidate_layers(self) -> tuple[PrunableLayer, ...]:
+        """Every layer the session can prune: :attr:`default_layers` and those only ``include`` selects."""
+        return tuple(self._candidates)
+
+    def check_unchanged_outside(self) -> None:
+        """Raise ``ValueError`` (saying what to do) if a prunable weight changed since the session last set it: apply
+        and reset would overwrite it, measure would label it wrongly."""
         changed = [
             layer
             for layer in self._candidates
@@ -529,7 +540,7 @@ class Session:
         """
         if latency and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1):
             raise ValueError(f"repeats must be a whole number >= 1; got {repeats!r}")
-        self._check_unchanged_outside()
+        self.check_unchanged_outside()
         top1, ppl = self.agreement()
         nonzeros = metrics.NonzeroCounts()
         weights = metrics.count_weights(

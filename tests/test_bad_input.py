@@ -157,7 +157,7 @@ def test_a_second_interrupt_during_the_rollback_still_puts_the_previous_variant_
 
     def interrupted_rollback(self, layer):
         calls["restore"] += 1
-        if calls["from_dense"] == 3 and calls["restore"] == len(self._candidates) + 1:  # the rollback's first
+        if calls["from_dense"] == 3 and calls["restore"] == len(self.candidate_layers) + 1:  # the rollback's first
             raise KeyboardInterrupt
         return real_restore(self, layer)
 
@@ -166,13 +166,13 @@ def test_a_second_interrupt_during_the_rollback_still_puts_the_previous_variant_
     with pytest.raises(KeyboardInterrupt):
         pruned_session.apply(0.5, mode="csr", progress=lambda *a: None)
     monkeypatch.undo()
-    assert calls["restore"] > len(pruned_session._candidates) + 1  # the rollback went on after the interrupt
+    assert calls["restore"] > len(pruned_session.candidate_layers) + 1  # the rollback went on after the interrupt
     assert pruned_session.settings.label == "CSR 30%" and state_checksum(pruned_session.model) == before
     assert pruned_session.measure()["sparsity_prunable"] == sparsity
 
 
 def test_an_interrupted_reset_still_restores_every_layer(pruned_session, monkeypatch):
-    dense_session_layers = len(pruned_session._candidates)
+    dense_session_layers = len(pruned_session.candidate_layers)
     calls = {"n": 0}
     real = type(pruned_session)._restore_layer
 

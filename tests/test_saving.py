@@ -112,12 +112,12 @@ def test_compressed_config_records_format_structure_and_targets(pruned, tmp_path
     sparsity = config["sparsity_config"]
     assert config["quant_method"] == "compressed-tensors"
     assert sparsity["sparsity_structure"] == "2:4"
-    assert sparsity["targets"] == [layer.name for layer in session._pruned]
+    assert sparsity["targets"] == [layer.name for layer in session.pruned_layers]
     assert sparsity["global_sparsity"] == pytest.approx(100 * session.measure()["sparsity_model"])
     # Linear weights hold 2 of every 4 along their stored rows; GPT-2's Conv1D stores them transposed
     expected = BITMASK_24 if architecture == "llama" else BITMASK
     assert sparsity["format"] == result.compression == expected
-    assert result.compressed_layers == len(session._pruned)
+    assert result.compressed_layers == len(session.pruned_layers)
 
 
 def test_the_compressed_tensors_library_decompresses_the_folder(pruned, tmp_path):
@@ -163,7 +163,7 @@ def test_compressed_is_smaller_by_what_the_bitmask_format_promises(pruned, tmp_p
     session.save(tmp_path / "dense")
     result = session.save(tmp_path / "compressed", format="compressed")
     saving = 0
-    for layer in session._pruned:
+    for layer in session.pruned_layers:
         weight = layer.module.weight
         rows, columns = weight.shape
         kept = int((weight != 0).sum())
