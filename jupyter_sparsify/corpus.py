@@ -78,7 +78,7 @@ def default_calibration_texts() -> list[str]:
     """What a session calibrates on unless given other texts: every other shipped document (103, about 12k tokens).
 
     Enough for the Hessian of the embedded model's widest input (1 536) eight times over, and a calibrate-once
-    pass of about 20 s on a 2-core CPU, where all 205 documents take about 40 s. What the other half would add,
+    pass of about 22-25 s on a 2-core CPU, where all 205 documents take about 42 s. What the other half would add,
     measured on held-out text, is in ``docs/benchmarks.md``; ``Session.set_calibration_texts(calibration_documents())``
     takes them all.
     """
