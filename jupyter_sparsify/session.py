@@ -21,6 +21,7 @@ from .agreement import TokenAgreement, token_agreement
 from .corpus import (
     MAX_LENGTH,
     SEED_TEXTS,
+    calibration_documents,
     check_next_token_targets,
     default_calibration_texts,
     encode_corpus,
@@ -142,7 +143,7 @@ class Session:
         self.model = model
         self.tokenizer = tokenizer
         self._offloaded = attach_offloaded_weights(model)  # accelerate's offloaded weights onto their modules
-        unfuse_experts(model)  # fused MoE experts become one nn.Linear per expert matrix (see .experts)
+        self._mixture_of_experts = bool(unfuse_experts(model))  # fused experts: one nn.Linear per matrix (.experts)
         try:
             self._start(texts, undo)
         except BaseException:  # a session that fails to start leaves the model as it found it
@@ -193,13 +194,17 @@ class Session:
 
     @property
     def calibration_texts(self) -> list[str]:
-        """Texts the data-aware criteria (Wanda, SparseGPT, ADMM) calibrate on: ``set_calibration_texts``'s, or
-        :func:`~jupyter_sparsify.corpus.default_calibration_texts`."""
-        return getattr(self, "_calibration_texts", None) or default_calibration_texts()
+        """Texts the data-aware criteria (Wanda, SparseGPT, ADMM) calibrate on: ``set_calibration_texts``'s, else
+        :func:`~jupyter_sparsify.corpus.default_calibration_texts`, or for a mixture-of-experts model all the shipped
+        documents (each expert is calibrated on the tokens routed to it, a fraction of them)."""
+        chosen = getattr(self, "_calibration_texts", None)
+        if chosen:
+            return chosen
+        return calibration_documents() if self._mixture_of_experts else default_calibration_texts()
 
     @_exclusive
     def set_calibration_texts(self, texts: Sequence[str]) -> None:
-        """Calibrate Wanda / SparseGPT / ADMM on ``texts`` instead of the default (half of the shipped documents)."""
+        """Calibrate Wanda / SparseGPT / ADMM on ``texts`` instead of the default (see :attr:`calibration_texts`)."""
         self._calibration_texts = validate_texts(texts)
         self._calibration = None
 

@@ -328,6 +328,11 @@ def test_an_expert_with_too_few_tokens_is_pruned_by_magnitude_and_named(criterio
         assert np.array_equal(scores, magnitude_scores(dense[expert]).float().numpy())
 
 
+def test_an_moe_session_calibrates_on_every_shipped_document_by_default(tokenizer, sessions):
+    # each expert sees only the tokens routed to it: the dense default (every other document) would starve more
+    assert sessions(tiny_moe("mixtral"), tokenizer).calibration_texts == calibration_documents()
+
+
 def test_too_few_tokens_means_fewer_than_the_inputs(tokenizer, sessions):
     session = sessions(tiny_moe("mixtral"), tokenizer)
     down = next(layer for layer in expert_layers(session) if layer.name.endswith("down_proj"))

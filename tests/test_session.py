@@ -8,6 +8,7 @@ import torch
 from torch.nn.utils import prune
 
 from jupyter_sparsify.calibration import collect_input_stats
+from jupyter_sparsify.corpus import default_calibration_texts
 from jupyter_sparsify.criteria import CRITERIA, DEFAULT_SCOPES
 from jupyter_sparsify.session import Session, existing_session, forget_session, session_for
 
@@ -23,6 +24,13 @@ def small_session(tokenizer, architecture: str = "llama") -> Session:
     session = Session(tiny_model(architecture), tokenizer)
     session.set_calibration_texts(session.calibration_texts[:8])
     return session
+
+
+def test_a_dense_model_calibrates_on_every_other_shipped_document_by_default(tokenizer):
+    session = Session(tiny_model("llama"), tokenizer)
+    assert session.calibration_texts == default_calibration_texts()
+    session.set_calibration_texts(["one calibration text", "and another"])
+    assert session.calibration_texts == ["one calibration text", "and another"]
 
 
 def test_a_second_session_on_a_pruned_model_is_refused_not_taken_for_dense(tokenizer):
