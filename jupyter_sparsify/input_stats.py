@@ -31,7 +31,10 @@ class InputNormAccumulator:
 
     def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
         """Add inputs ``[..., in]``; positions where ``mask`` is false (padding) are skipped."""
-        rows = token_rows(x, mask)
+        self.add_rows(token_rows(x, mask))
+
+    def add_rows(self, rows: Tensor) -> None:
+        """Add token rows ``[tokens, in]`` (padding already left out)."""
         self.sum_squares += rows.double().square().sum(dim=0).to(self.sum_squares.device)
         self.tokens += rows.shape[0]
 
@@ -58,7 +61,11 @@ class HessianAccumulator:
 
     def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
         """Add inputs ``[..., in]``; positions where ``mask`` is false (padding) are skipped."""
-        rows = token_rows(x, mask).float().to(self.sum_xxt.device)
+        self.add_rows(token_rows(x, mask))
+
+    def add_rows(self, rows: Tensor) -> None:
+        """Add token rows ``[tokens, in]`` (padding already left out)."""
+        rows = rows.float().to(self.sum_xxt.device)
         for start in range(0, rows.shape[1], HESSIAN_BLOCK):
             end = start + HESSIAN_BLOCK
             self.sum_xxt[start:, start:end].addmm_(rows[:, start:].T, rows[:, start:end])
@@ -80,8 +87,9 @@ class HessianAndNormAccumulator:
 
     def add_batch(self, x: Tensor, mask: Tensor | None = None) -> None:
         """Add inputs ``[..., in]`` to both; positions where ``mask`` is false (padding) are skipped."""
-        self.hessian.add_batch(x, mask)
-        self.norms.add_batch(x, mask)
+        rows = token_rows(x, mask)  # selected once for both
+        self.hessian.add_rows(rows)
+        self.norms.add_rows(rows)
 
     def result(self) -> Tensor:
         """The Hessian (see :meth:`HessianAccumulator.result`); the norms are ``self.norms.result()``."""

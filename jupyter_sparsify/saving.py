@@ -96,11 +96,12 @@ def save_session(
         compression, compressed, tied, fused = None, 0, (), ()
         if format == "compressed":
             saved_as = checkpoint_names(model)  # MoE experts are written in the checkpoint layout
-            shares = active_shares(model)
-            experts = {
-                layer.name for layer in session.candidate_layers if id(getattr(layer.parent, layer.attr)) in shares
-            }
-            fused = tuple(layer.name for layer in session.pruned_layers if layer.name in experts - saved_as.keys())
+            shares = active_shares(model)  # the expert layers
+            fused = tuple(
+                layer.name
+                for layer in session.pruned_layers
+                if id(getattr(layer.parent, layer.attr)) in shares and layer.name not in saved_as
+            )
             pruned = [
                 saved_as.get(layer.name, layer.name) for layer in session.pruned_layers if layer.name not in fused
             ]
